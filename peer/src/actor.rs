@@ -1,0 +1,1167 @@
+//! The actor: one task per `P2p` that owns the Socket.IO client, every peer connection and
+//! every per-peer reliable link, and decides which transport carries each frame.
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rust_socketio::Payload as SioPayload;
+use rust_socketio::asynchronous::Client;
+use serde_json::Value as Json;
+use socketio_p2p_signaling::protocol::{
+    Body, ErrorCode, ErrorMsg, Frame, Msg, Op, PROTOCOL_VERSION, PeerInfo, Presence, Request,
+    Response, Signal, SignalFrom, Welcome, WirePayload, events, relay_escape, relay_unescape,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::link::{CHUNK, Delivered, Link};
+use crate::negotiate::{Action, Negotiation};
+use crate::options::P2pOptions;
+use crate::payload::{Event, Payload, PeerEvent, Responder, Transport};
+use crate::rtc::{CandidateInit, RtcConfig, RtcEvent, RtcLink};
+
+const TICK: Duration = Duration::from_millis(5);
+
+/// Commands from `P2p` handles.
+pub(crate) enum Cmd {
+    Emit {
+        target: Option<String>,
+        event: String,
+        payload: Payload,
+        volatile: bool,
+        done: oneshot::Sender<Result<()>>,
+    },
+    EmitAck {
+        peer: String,
+        event: String,
+        payload: Payload,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<Payload>>,
+    },
+    Reply {
+        peer: String,
+        ack_id: u64,
+        result: std::result::Result<Payload, (String, String)>,
+    },
+    Request {
+        op: Op,
+        reply: oneshot::Sender<Result<Json>>,
+    },
+    Upgrade {
+        peer: Option<String>,
+        done: Option<oneshot::Sender<Result<()>>>,
+    },
+    Downgrade {
+        peer: String,
+    },
+    Transport {
+        peer: String,
+        reply: oneshot::Sender<Result<Transport>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    LiveConnections {
+        reply: oneshot::Sender<usize>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// What the Socket.IO callbacks hand to the actor.
+#[derive(Debug)]
+pub(crate) enum NetIn {
+    Connected,
+    Frame(Bytes),
+    Response(Json),
+    Signal(Json),
+    Presence(Json),
+    Error(Json),
+    SocketError(String),
+    Closed,
+}
+
+impl NetIn {
+    pub(crate) fn from_event(event: &str, payload: SioPayload) -> Option<NetIn> {
+        let first_json = |p: SioPayload| match p {
+            SioPayload::Text(mut v) if !v.is_empty() => Some(v.swap_remove(0)),
+            _ => None,
+        };
+        Some(match event {
+            events::FRAME => match payload {
+                SioPayload::Binary(b) => NetIn::Frame(b),
+                _ => return None,
+            },
+            events::RESPONSE => NetIn::Response(first_json(payload)?),
+            events::SIGNAL => NetIn::Signal(first_json(payload)?),
+            events::PRESENCE => NetIn::Presence(first_json(payload)?),
+            events::ERROR => NetIn::Error(first_json(payload)?),
+            _ => return None,
+        })
+    }
+}
+
+struct RtcSlot {
+    link: Arc<RtcLink>,
+    key: u64,
+    open: bool,
+}
+
+struct Peer {
+    info: PeerInfo,
+    rooms: HashSet<String>,
+    paired: bool,
+    link: Link,
+    neg: Negotiation,
+    rtc: Option<RtcSlot>,
+    upgrade_waiters: Vec<oneshot::Sender<Result<()>>>,
+}
+
+impl Peer {
+    fn transport(&self) -> Transport {
+        match &self.rtc {
+            Some(s) if s.open => Transport::DataChannel,
+            _ => Transport::Relay,
+        }
+    }
+}
+
+enum ReqKind {
+    Hello,
+    Pair,
+    Signal,
+    Join(String, oneshot::Sender<Result<Json>>),
+    Leave(String, oneshot::Sender<Result<Json>>),
+    User(oneshot::Sender<Result<Json>>),
+}
+
+struct PendingReq {
+    kind: ReqKind,
+    deadline: Instant,
+}
+
+struct PendingAck {
+    peer: String,
+    deadline: Instant,
+    tx: oneshot::Sender<Result<Payload>>,
+}
+
+/// Startup progress, reported to `P2p::new`.
+pub(crate) type Ready = oneshot::Sender<Result<PeerInfo>>;
+
+pub(crate) struct Actor {
+    opts: P2pOptions,
+    rtc_cfg: RtcConfig,
+    client: Client,
+    me: PeerInfo,
+    registered: bool,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    replies_tx: mpsc::UnboundedSender<Cmd>,
+    replies: mpsc::UnboundedReceiver<Cmd>,
+    net: mpsc::UnboundedReceiver<NetIn>,
+    rtc_tx: mpsc::UnboundedSender<(u64, RtcEvent)>,
+    rtc_rx: mpsc::UnboundedReceiver<(u64, RtcEvent)>,
+    events: mpsc::Sender<Event>,
+    peer_events: mpsc::UnboundedSender<PeerEvent>,
+    peers: HashMap<String, Peer>,
+    rtc_keys: HashMap<u64, String>,
+    next_key: u64,
+    reqs: HashMap<u64, PendingReq>,
+    next_rid: u64,
+    acks: HashMap<u64, PendingAck>,
+    next_ack: u64,
+    parked: Vec<(Vec<String>, oneshot::Sender<Result<()>>)>,
+    dirty: HashSet<String>,
+    ready: Option<Ready>,
+    ready_deadline: Instant,
+    /// The peer we paired with (socket.io-bridge mode); its disconnect closes us.
+    pair_peer: Option<String>,
+    /// Nonce of the echo that completes pairing.
+    pair_echo: Option<u64>,
+    stop: bool,
+}
+
+pub(crate) struct Channels {
+    pub(crate) cmds: mpsc::UnboundedReceiver<Cmd>,
+    pub(crate) net: mpsc::UnboundedReceiver<NetIn>,
+    pub(crate) events: mpsc::Sender<Event>,
+    pub(crate) peer_events: mpsc::UnboundedSender<PeerEvent>,
+}
+
+impl Actor {
+    pub(crate) fn new(opts: P2pOptions, client: Client, ch: Channels, ready: Ready) -> Self {
+        let (rtc_tx, rtc_rx) = mpsc::unbounded_channel();
+        let (replies_tx, replies) = mpsc::unbounded_channel();
+        let rtc_cfg = RtcConfig {
+            ice_servers: opts.ice_servers.iter().cloned().map(Into::into).collect(),
+            loopback_only: opts.loopback_only,
+            disable_mdns: opts.disable_mdns,
+            trickle: opts.trickle,
+            block_all_candidates: opts.block_all_candidates,
+        };
+        let now = Instant::now();
+        let ready_deadline = now + opts.request_timeout + if opts.peer_uid.is_some() { opts.pair_timeout } else { Duration::ZERO };
+        Self {
+            rtc_cfg,
+            client,
+            me: PeerInfo { id: String::new(), uid: None },
+            registered: false,
+            cmds: ch.cmds,
+            replies_tx,
+            replies,
+            net: ch.net,
+            rtc_tx,
+            rtc_rx,
+            events: ch.events,
+            peer_events: ch.peer_events,
+            peers: HashMap::new(),
+            rtc_keys: HashMap::new(),
+            next_key: 0,
+            reqs: HashMap::new(),
+            next_rid: 0,
+            acks: HashMap::new(),
+            next_ack: 0,
+            parked: Vec::new(),
+            dirty: HashSet::new(),
+            ready: Some(ready),
+            ready_deadline,
+            pair_peer: None,
+            pair_echo: None,
+            stop: false,
+            opts,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.stop {
+            tokio::select! {
+                biased;
+                Some(n) = self.net.recv() => self.on_net(n).await,
+                Some((key, ev)) = self.rtc_rx.recv() => self.on_rtc(key, ev).await,
+                Some(c) = self.replies.recv() => self.on_cmd(c).await,
+                c = self.cmds.recv() => match c {
+                    Some(c) => self.on_cmd(c).await,
+                    None => {
+                        // Every handle is gone.
+                        self.shutdown("every P2p handle was dropped").await;
+                    }
+                },
+                _ = tick.tick() => self.on_tick().await,
+            }
+            self.flush().await;
+        }
+        let _ = self.client.disconnect().await;
+    }
+
+    // ---------- helpers ----------
+
+    fn peer_event(&self, ev: PeerEvent) {
+        let _ = self.peer_events.send(ev);
+    }
+
+    async fn emit_sio(&self, event: &str, payload: SioPayload) {
+        if let Err(e) = self.client.emit(event, payload).await {
+            tracing::debug!(%e, event, "socket.io emit failed");
+        }
+    }
+
+    async fn request(&mut self, op: Op, kind: ReqKind) {
+        self.next_rid += 1;
+        let rid = self.next_rid;
+        let deadline = Instant::now()
+            + match (&kind, &op) {
+                (ReqKind::Pair, _) => self.opts.pair_timeout + self.opts.request_timeout,
+                _ => self.opts.request_timeout,
+            };
+        self.reqs.insert(rid, PendingReq { kind, deadline });
+        let json = serde_json::to_value(Request { rid, op }).unwrap_or(Json::Null);
+        self.emit_sio(events::REQUEST, SioPayload::Text(vec![json])).await;
+    }
+
+    fn ensure_peer(&mut self, info: &PeerInfo) -> bool {
+        if self.peers.contains_key(&info.id) || info.id == self.me.id {
+            return false;
+        }
+        let now = Instant::now();
+        self.peers.insert(
+            info.id.clone(),
+            Peer {
+                info: info.clone(),
+                rooms: HashSet::new(),
+                paired: false,
+                link: Link::new(&info.id, self.opts.window, self.opts.max_message_size, now),
+                neg: Negotiation::new(&self.me.id, &info.id, self.opts.upgrade_timeout, now),
+                rtc: None,
+                upgrade_waiters: Vec::new(),
+            },
+        );
+        true
+    }
+
+    fn active_channels(&self) -> usize {
+        self.peers.values().filter(|p| p.neg.active()).count()
+    }
+
+    fn finish_ready(&mut self, r: Result<PeerInfo>) {
+        if let Some(tx) = self.ready.take() {
+            let failed = r.is_err();
+            let _ = tx.send(r);
+            if failed {
+                self.stop = true;
+            }
+        }
+    }
+
+    // ---------- network input ----------
+
+    async fn on_net(&mut self, n: NetIn) {
+        match n {
+            NetIn::Connected => {
+                if !self.registered && !self.reqs.values().any(|r| matches!(r.kind, ReqKind::Hello)) {
+                    let op = Op::Hello {
+                        version: PROTOCOL_VERSION,
+                        uid: self.opts.uid.clone(),
+                        rooms: self.opts.effective_rooms(),
+                    };
+                    self.request(op, ReqKind::Hello).await;
+                }
+            }
+            NetIn::Frame(bytes) => match relay_unescape(&bytes).and_then(|b| Frame::decode(&b)) {
+                Ok(frame) => {
+                    let from = frame.from.clone();
+                    self.on_frame(&from, frame.body, Transport::Relay).await;
+                }
+                Err(e) => tracing::warn!(%e, len = bytes.len(), head = ?&bytes[..bytes.len().min(48)], "undecodable frame from the server"),
+            },
+            NetIn::Response(v) => match serde_json::from_value::<Response>(v) {
+                Ok(r) => self.on_response(r).await,
+                Err(e) => tracing::warn!(%e, "bad response from the server"),
+            },
+            NetIn::Signal(v) => match serde_json::from_value::<SignalFrom>(v) {
+                Ok(s) => self.on_signal(s).await,
+                Err(e) => tracing::warn!(%e, "bad signal from the server"),
+            },
+            NetIn::Presence(v) => match serde_json::from_value::<Presence>(v) {
+                Ok(p) => self.on_presence(p).await,
+                Err(e) => tracing::warn!(%e, "bad presence from the server"),
+            },
+            NetIn::Error(v) => match serde_json::from_value::<ErrorMsg>(v) {
+                Ok(e) => self.on_server_error(e),
+                Err(e) => tracing::warn!(%e, "bad error message from the server"),
+            },
+            NetIn::SocketError(msg) => {
+                if msg.contains("ConnectError") {
+                    let reason = msg
+                        .split_once(':')
+                        .map(|(_, r)| r.trim().to_owned())
+                        .unwrap_or(msg.clone());
+                    self.finish_ready(Err(Error::Rejected { code: ErrorCode::Unauthorized, message: reason.clone() }));
+                    self.shutdown(&format!("connection refused: {reason}")).await;
+                } else {
+                    tracing::debug!(%msg, "socket.io error");
+                }
+            }
+            NetIn::Closed => self.shutdown("server connection lost").await,
+        }
+    }
+
+    async fn on_response(&mut self, r: Response) {
+        let Some(req) = self.reqs.remove(&r.rid) else {
+            return;
+        };
+        let result = match (r.ok, r.error) {
+            (_, Some(e)) => Err(Error::from_server(e.code, e.message)),
+            (Some(v), None) => Ok(v),
+            (None, None) => Ok(Json::Null),
+        };
+        match req.kind {
+            ReqKind::User(tx) => {
+                let _ = tx.send(result);
+            }
+            ReqKind::Join(room, tx) => {
+                if let Ok(v) = &result {
+                    let peers: Vec<PeerInfo> = serde_json::from_value(v.clone()).unwrap_or_default();
+                    for p in peers {
+                        let new = self.ensure_peer(&p);
+                        if let Some(peer) = self.peers.get_mut(&p.id) {
+                            peer.rooms.insert(room.clone());
+                        }
+                        let id = p.id.clone();
+                        self.peer_event(PeerEvent::Joined { room: room.clone(), peer: p });
+                        if new && self.opts.auto_upgrade {
+                            self.start_upgrades(Some(id), None).await;
+                        }
+                    }
+                }
+                let _ = tx.send(result);
+            }
+            ReqKind::Leave(room, tx) => {
+                if result.is_ok() {
+                    let gone: Vec<String> = self
+                        .peers
+                        .iter_mut()
+                        .filter_map(|(id, p)| {
+                            p.rooms.remove(&room);
+                            (p.rooms.is_empty() && !p.paired).then(|| id.clone())
+                        })
+                        .collect();
+                    for id in gone {
+                        self.remove_peer(&id, "we left every room we shared").await;
+                    }
+                }
+                let _ = tx.send(result);
+            }
+            ReqKind::Signal => {
+                if let Err(e) = result {
+                    tracing::debug!(%e, "signal refused by the server");
+                }
+            }
+            ReqKind::Hello => match result.and_then(|v| serde_json::from_value::<Welcome>(v).map_err(|e| Error::Serde(e.to_string()))) {
+                Ok(w) => self.on_welcome(w).await,
+                Err(e) => self.finish_ready(Err(e)),
+            },
+            ReqKind::Pair => match result.and_then(|v| serde_json::from_value::<PeerInfo>(v).map_err(|e| Error::Serde(e.to_string()))) {
+                Ok(info) => {
+                    self.add_pair(&info).await;
+                    let nonce = rand_nonce();
+                    self.pair_echo = Some(nonce);
+                    self.send_now(&info.id, Body::Ping { nonce, pong: false }).await;
+                }
+                Err(e) => self.finish_ready(Err(e)),
+            },
+        }
+    }
+
+    async fn on_welcome(&mut self, w: Welcome) {
+        self.me = PeerInfo { id: w.id, uid: w.uid };
+        self.registered = true;
+        for room in w.rooms {
+            for p in room.peers {
+                self.ensure_peer(&p);
+                if let Some(peer) = self.peers.get_mut(&p.id) {
+                    peer.rooms.insert(room.room.clone());
+                }
+                self.peer_event(PeerEvent::Joined { room: room.room.clone(), peer: p });
+            }
+        }
+        match self.opts.peer_uid.clone() {
+            Some(peer_uid) => {
+                let op = Op::Pair { peer_uid, timeout_ms: Some(self.opts.pair_timeout.as_millis() as u64) };
+                self.request(op, ReqKind::Pair).await;
+            }
+            None => {
+                let me = self.me.clone();
+                self.finish_ready(Ok(me));
+            }
+        }
+        if self.opts.auto_upgrade {
+            self.start_upgrades(None, None).await;
+        }
+    }
+
+    async fn add_pair(&mut self, info: &PeerInfo) {
+        if self.pair_peer.as_deref() == Some(info.id.as_str()) {
+            return;
+        }
+        self.ensure_peer(info);
+        if let Some(p) = self.peers.get_mut(&info.id) {
+            p.paired = true;
+        }
+        self.pair_peer = Some(info.id.clone());
+        self.peer_event(PeerEvent::Paired { peer: info.clone() });
+        if self.opts.auto_upgrade {
+            self.start_upgrades(Some(info.id.clone()), None).await;
+        }
+    }
+
+    async fn on_presence(&mut self, p: Presence) {
+        match p {
+            Presence::Joined { room, peer } => {
+                self.ensure_peer(&peer);
+                if let Some(p) = self.peers.get_mut(&peer.id) {
+                    p.rooms.insert(room.clone());
+                }
+                let id = peer.id.clone();
+                self.peer_event(PeerEvent::Joined { room, peer });
+                if self.opts.auto_upgrade && self.ready.is_none() {
+                    self.start_upgrades(Some(id), None).await;
+                }
+            }
+            Presence::Left { room, peer } => {
+                let gone = match self.peers.get_mut(&peer.id) {
+                    Some(p) => {
+                        p.rooms.remove(&room);
+                        p.rooms.is_empty() && !p.paired
+                    }
+                    None => false,
+                };
+                self.peer_event(PeerEvent::Left { room, peer: peer.clone() });
+                if gone {
+                    self.remove_peer(&peer.id, "the peer left every room we share").await;
+                }
+            }
+            Presence::Paired { peer } => self.add_pair(&peer).await,
+            Presence::Disconnected { peer } => {
+                self.remove_peer(&peer.id, "the peer disconnected").await;
+                self.peer_event(PeerEvent::Disconnected { peer: peer.clone() });
+                if self.pair_peer.as_deref() == Some(peer.id.as_str()) {
+                    self.finish_ready(Err(Error::PeerOffline("the peer disconnected during pairing".into())));
+                    self.shutdown("the paired peer disconnected").await;
+                }
+            }
+        }
+    }
+
+    fn on_server_error(&mut self, e: ErrorMsg) {
+        let now = Instant::now();
+        match (e.error.code, &e.to, e.seq) {
+            (ErrorCode::Busy, Some(to), Some(seq)) => {
+                if let Some(p) = self.peers.get_mut(to) {
+                    p.link.on_dropped(seq, now);
+                    self.dirty.insert(to.clone());
+                }
+            }
+            (ErrorCode::Busy, _, _) => {}
+            _ => tracing::warn!(code = %e.error.code, message = %e.error.message, event = ?e.event, to = ?e.to, "error from the server"),
+        }
+    }
+
+    async fn remove_peer(&mut self, id: &str, why: &str) {
+        let Some(mut peer) = self.peers.remove(id) else {
+            return;
+        };
+        if let Some(slot) = peer.rtc.take() {
+            self.close_rtc(slot);
+        }
+        for w in peer.upgrade_waiters.drain(..) {
+            let _ = w.send(Err(Error::PeerOffline(why.to_owned())));
+        }
+        let failed: Vec<u64> = self.acks.iter().filter(|(_, a)| a.peer == id).map(|(k, _)| *k).collect();
+        for k in failed {
+            if let Some(a) = self.acks.remove(&k) {
+                let _ = a.tx.send(Err(Error::PeerOffline(format!("{id}: {why}"))));
+            }
+        }
+        self.dirty.remove(id);
+        self.check_parked();
+    }
+
+    // ---------- frames ----------
+
+    async fn on_frame(&mut self, from: &str, body: Body, via: Transport) {
+        let now = Instant::now();
+        if !self.peers.contains_key(from) {
+            if from.is_empty() || !self.registered {
+                return;
+            }
+            // The server only relays between peers that share a scope; presence may lag.
+            self.ensure_peer(&PeerInfo { id: from.to_owned(), uid: None });
+        }
+        match body {
+            Body::Data { seq, more, msg } => {
+                if self.events.capacity() == 0 {
+                    // The application is behind: leave the frame unacknowledged; the sender
+                    // retransmits later (this is the receive side of flow control).
+                    return;
+                }
+                let Some(peer) = self.peers.get_mut(from) else { return };
+                let (delivered, ack) = peer.link.on_data(seq, more, msg, now);
+                if let Some((upto, nack)) = ack {
+                    self.send_ack(from, upto, nack).await;
+                }
+                if let Some(d) = delivered {
+                    self.deliver(from, d, via).await;
+                }
+            }
+            Body::Volatile { msg } => {
+                if self.events.capacity() > 0 {
+                    self.deliver(from, Delivered::Msg(msg), via).await;
+                }
+            }
+            Body::LinkAck { upto, nack } => {
+                if let Some(peer) = self.peers.get_mut(from) {
+                    peer.link.on_ack(upto, nack, now);
+                    self.dirty.insert(from.to_owned());
+                }
+                self.check_parked();
+            }
+            Body::Ping { nonce, pong: false } => {
+                self.send_now(from, Body::Ping { nonce, pong: true }).await;
+            }
+            Body::Ping { nonce, pong: true } => {
+                if self.pair_echo == Some(nonce) && self.pair_peer.as_deref() == Some(from) {
+                    self.pair_echo = None;
+                    let me = self.me.clone();
+                    self.finish_ready(Ok(me));
+                }
+            }
+        }
+    }
+
+    async fn deliver(&mut self, from: &str, d: Delivered, via: Transport) {
+        let msg = match d {
+            Delivered::Msg(m) => m,
+            Delivered::TooLarge { reply_to, failed_reply, size } => {
+                tracing::warn!(from, size, "dropped a message larger than max_message_size");
+                let max = self.opts.max_message_size;
+                if let Some(ack_id) = reply_to {
+                    self.push_msg(from, Msg::ReplyError { ack_id, code: "PayloadTooLarge".into(), message: format!("message larger than {max} bytes") });
+                }
+                if let Some(a) = failed_reply.and_then(|id| self.acks.remove(&id)) {
+                    let _ = a.tx.send(Err(Error::PayloadTooLarge { size, max }));
+                }
+                return;
+            }
+        };
+        match msg {
+            Msg::Event { event, ack_id, payload } => {
+                let payload = match Payload::from_wire(payload) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if let Some(ack_id) = ack_id {
+                            self.push_msg(from, Msg::ReplyError { ack_id, code: "BadPayload".into(), message: e.to_string() });
+                        }
+                        return;
+                    }
+                };
+                let Some(peer) = self.peers.get(from) else { return };
+                let responder = ack_id.map(|ack_id| {
+                    Arc::new(Responder { cmds: self.replies_tx.clone(), peer: from.to_owned(), ack_id, done: Default::default() })
+                });
+                let ev = Event { name: Arc::from(event.as_str()), from: Arc::new(peer.info.clone()), payload, transport: via, responder };
+                if let Err(e) = self.events.try_send(ev) {
+                    tracing::warn!("event queue full, event dropped: {e}");
+                }
+            }
+            Msg::Reply { ack_id, payload } => {
+                if self.acks.get(&ack_id).is_some_and(|a| a.peer == from) {
+                    if let Some(a) = self.acks.remove(&ack_id) {
+                        let _ = a.tx.send(Payload::from_wire(payload));
+                    }
+                }
+            }
+            Msg::ReplyError { ack_id, code, message } => {
+                if self.acks.get(&ack_id).is_some_and(|a| a.peer == from) {
+                    if let Some(a) = self.acks.remove(&ack_id) {
+                        let _ = a.tx.send(Err(Error::Remote { code, message }));
+                    }
+                }
+            }
+            Msg::Continuation { .. } => {}
+        }
+    }
+
+    fn push_msg(&mut self, to: &str, msg: Msg) {
+        if let Some(peer) = self.peers.get_mut(to) {
+            if let Err(e) = peer.link.push(msg) {
+                tracing::warn!(%e, "could not encode a message");
+            }
+            self.dirty.insert(to.to_owned());
+        }
+    }
+
+    async fn send_ack(&mut self, to: &str, upto: u64, nack: bool) {
+        self.send_now(to, Body::LinkAck { upto, nack }).await;
+    }
+
+    /// Sends an unsequenced frame (ack, ping, volatile) on the peer's current transport.
+    async fn send_now(&mut self, to: &str, body: Body) {
+        let volatile = matches!(body, Body::Volatile { .. });
+        let frame = match (Frame { to: to.to_owned(), from: String::new(), body }).encode() {
+            Ok(f) => f,
+            Err(e) => return tracing::warn!(%e, "could not encode a frame"),
+        };
+        let rtc = self.peers.get(to).and_then(|p| p.rtc.as_ref()).filter(|s| s.open).map(|s| s.link.clone());
+        if let Some(link) = rtc {
+            if volatile {
+                // Best effort: the volatile channel may open a moment after the reliable one.
+                if link.send_volatile(frame.clone()).await.is_ok() {
+                    return;
+                }
+            } else {
+                match link.send(frame.clone()).await {
+                    Ok(()) => return,
+                    Err(e) => self.rtc_failed(to, format!("send failed: {e}")).await,
+                }
+            }
+        }
+        self.emit_sio(events::FRAME, SioPayload::Binary(relay_escape(&frame))).await;
+    }
+
+    /// Sends what the reliable links of dirty peers may send now.
+    async fn flush(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let dirty: Vec<String> = self.dirty.drain().collect();
+        let mut frames = Vec::new();
+        for id in dirty {
+            frames.clear();
+            let Some(peer) = self.peers.get_mut(&id) else { continue };
+            peer.link.poll_transmit(&mut frames);
+            let rtc = peer.rtc.as_ref().filter(|s| s.open).map(|s| s.link.clone());
+            let mut relay_from = 0;
+            if let Some(link) = rtc {
+                relay_from = frames.len();
+                for (i, f) in frames.iter().enumerate() {
+                    if let Err(e) = link.send(f.clone()).await {
+                        relay_from = i;
+                        self.rtc_failed(&id, format!("send failed: {e}")).await;
+                        break;
+                    }
+                }
+                if relay_from < frames.len() {
+                    // The channel died: everything unacknowledged goes again on the relay.
+                    frames.clear();
+                    relay_from = 0;
+                    if let Some(peer) = self.peers.get_mut(&id) {
+                        peer.link.poll_transmit(&mut frames);
+                    }
+                }
+            }
+            for f in &frames[relay_from..] {
+                self.emit_sio(events::FRAME, SioPayload::Binary(relay_escape(f))).await;
+            }
+        }
+    }
+
+    fn check_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let hwm = |p: &Peer| p.link.backlog() > p.link.window() * 4;
+        let peers = &self.peers;
+        let mut still = Vec::new();
+        for (targets, tx) in self.parked.drain(..) {
+            if targets.iter().any(|t| peers.get(t).is_some_and(hwm)) {
+                still.push((targets, tx));
+            } else {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        self.parked = still;
+    }
+
+    // ---------- commands ----------
+
+    async fn on_cmd(&mut self, c: Cmd) {
+        match c {
+            Cmd::Emit { target, event, payload, volatile, done } => {
+                let r = self.emit(target, event, payload, volatile, done).await;
+                if let Some((done, e)) = r {
+                    let _ = done.send(Err(e));
+                }
+            }
+            Cmd::EmitAck { peer, event, payload, timeout, reply } => {
+                if !self.peers.contains_key(&peer) {
+                    let _ = reply.send(Err(Error::PeerOffline(peer)));
+                    return;
+                }
+                let wire = match self.check_payload(&payload) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                self.next_ack += 1;
+                let ack_id = self.next_ack;
+                self.acks.insert(ack_id, PendingAck { peer: peer.clone(), deadline: Instant::now() + timeout, tx: reply });
+                self.push_msg(&peer, Msg::Event { event, ack_id: Some(ack_id), payload: wire });
+            }
+            Cmd::Reply { peer, ack_id, result } => {
+                let msg = match result.map(|p| p.to_wire()) {
+                    Ok(Ok(payload)) => Msg::Reply { ack_id, payload },
+                    Ok(Err(e)) => Msg::ReplyError { ack_id, code: "BadPayload".into(), message: e.to_string() },
+                    Err((code, message)) => Msg::ReplyError { ack_id, code, message },
+                };
+                self.push_msg(&peer, msg);
+            }
+            Cmd::Request { op, reply } => {
+                if !self.registered {
+                    let _ = reply.send(Err(Error::Closed));
+                    return;
+                }
+                // Keep our own view of rooms in step with the server's answer.
+                let kind = match &op {
+                    Op::Join { room } => ReqKind::Join(room.clone(), reply),
+                    Op::Leave { room } => ReqKind::Leave(room.clone(), reply),
+                    _ => ReqKind::User(reply),
+                };
+                self.request(op, kind).await;
+            }
+            Cmd::Upgrade { peer, done } => self.start_upgrades(peer, done).await,
+            Cmd::Downgrade { peer } => {
+                let acts = match self.peers.get_mut(&peer) {
+                    Some(p) => p.neg.hang_up("downgrade requested by the application"),
+                    None => vec![],
+                };
+                self.run_actions(&peer, acts).await;
+            }
+            Cmd::Transport { peer, reply } => {
+                let r = self.peers.get(&peer).map(Peer::transport).ok_or(Error::PeerOffline(peer));
+                let _ = reply.send(r);
+            }
+            Cmd::Peers { reply } => {
+                let mut v: Vec<PeerInfo> = self.peers.values().map(|p| p.info.clone()).collect();
+                v.sort_by(|a, b| a.id.cmp(&b.id));
+                let _ = reply.send(v);
+            }
+            Cmd::LiveConnections { reply } => {
+                let _ = reply.send(self.peers.values().filter(|p| p.rtc.is_some()).count());
+            }
+            Cmd::Close { done } => {
+                self.shutdown("closed by the application").await;
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn check_payload(&self, payload: &Payload) -> Result<WirePayload> {
+        let wire = payload.to_wire()?;
+        let size = wire.bytes().len();
+        if size > self.opts.max_message_size {
+            return Err(Error::PayloadTooLarge { size, max: self.opts.max_message_size });
+        }
+        Ok(wire)
+    }
+
+    /// Returns the completion and an error when the emit failed at once.
+    async fn emit(
+        &mut self,
+        target: Option<String>,
+        event: String,
+        payload: Payload,
+        volatile: bool,
+        done: oneshot::Sender<Result<()>>,
+    ) -> Option<(oneshot::Sender<Result<()>>, Error)> {
+        let wire = match self.check_payload(&payload) {
+            Ok(w) => w,
+            Err(e) => return Some((done, e)),
+        };
+        let targets: Vec<String> = match target {
+            Some(t) if self.peers.contains_key(&t) => vec![t],
+            Some(t) => return Some((done, Error::PeerOffline(t))),
+            None => self.peers.keys().cloned().collect(),
+        };
+        let msg = Msg::Event { event, ack_id: None, payload: wire };
+        if volatile {
+            if let Msg::Event { payload, .. } = &msg {
+                if payload.bytes().len() > CHUNK {
+                    return Some((done, Error::PayloadTooLarge { size: payload.bytes().len(), max: CHUNK }));
+                }
+            }
+            for t in &targets {
+                self.send_now(t, Body::Volatile { msg: msg.clone() }).await;
+            }
+            let _ = done.send(Ok(()));
+            return None;
+        }
+        for t in &targets {
+            self.push_msg(t, msg.clone());
+        }
+        let over = targets.iter().any(|t| self.peers.get(t).is_some_and(|p| p.link.backlog() > p.link.window() * 4));
+        if over {
+            self.parked.push((targets, done));
+        } else {
+            let _ = done.send(Ok(()));
+        }
+        None
+    }
+
+    // ---------- WebRTC ----------
+
+    async fn start_upgrades(&mut self, only: Option<String>, done: Option<oneshot::Sender<Result<()>>>) {
+        let now = Instant::now();
+        let mut ids: Vec<String> = match &only {
+            Some(id) => vec![id.clone()],
+            None => self.peers.keys().cloned().collect(),
+        };
+        ids.sort();
+        if let (Some(id), Some(done)) = (&only, done) {
+            match self.peers.get_mut(id) {
+                None => {
+                    let _ = done.send(Err(Error::PeerOffline(id.clone())));
+                    return;
+                }
+                Some(p) if p.transport() == Transport::DataChannel => {
+                    let _ = done.send(Ok(()));
+                    return;
+                }
+                Some(p) => p.upgrade_waiters.push(done),
+            }
+        }
+        for id in ids {
+            let active = self.active_channels();
+            let Some(p) = self.peers.get_mut(&id) else { continue };
+            if p.neg.active() {
+                continue;
+            }
+            if active >= self.opts.num_clients {
+                for w in p.upgrade_waiters.drain(..) {
+                    let _ = w.send(Err(Error::WebRtc("num_clients reached".into())));
+                }
+                continue;
+            }
+            let acts = p.neg.start(now);
+            self.run_actions(&id, acts).await;
+        }
+    }
+
+    async fn on_signal(&mut self, s: SignalFrom) {
+        let now = Instant::now();
+        if !self.peers.contains_key(&s.from) {
+            self.ensure_peer(&PeerInfo { id: s.from.clone(), uid: None });
+        }
+        let accept = self.active_channels() < self.opts.num_clients;
+        let acts = match self.peers.get_mut(&s.from) {
+            Some(p) => {
+                let accept = accept || p.neg.active();
+                p.neg.on_signal(s.signal, accept, now)
+            }
+            None => vec![],
+        };
+        self.run_actions(&s.from, acts).await;
+    }
+
+    async fn on_rtc(&mut self, key: u64, ev: RtcEvent) {
+        let Some(id) = self.rtc_keys.get(&key).cloned() else {
+            return; // an old connection
+        };
+        let now = Instant::now();
+        match ev {
+            RtcEvent::LocalCandidate(Some(c)) => {
+                let signal = Signal::Candidate {
+                    candidate: c.candidate,
+                    sdp_mid: c.sdp_mid,
+                    sdp_m_line_index: c.sdp_m_line_index,
+                    username_fragment: c.username_fragment,
+                };
+                self.send_signal(&id, signal).await;
+            }
+            RtcEvent::LocalCandidate(None) => {}
+            RtcEvent::Open => {
+                let acts = self.peers.get_mut(&id).map(|p| p.neg.on_open(now)).unwrap_or_default();
+                self.run_actions(&id, acts).await;
+            }
+            RtcEvent::Message(b) | RtcEvent::VolatileMessage(b) => match Frame::decode(&b) {
+                // The data channel tells who sent it; the `from` field is not trusted.
+                Ok(frame) => self.on_frame(&id, frame.body, Transport::DataChannel).await,
+                Err(e) => tracing::warn!(%e, peer = %id, "undecodable frame on the data channel"),
+            },
+            RtcEvent::Closed(reason) => {
+                let acts = self.peers.get_mut(&id).map(|p| p.neg.on_closed(reason)).unwrap_or_default();
+                self.run_actions(&id, acts).await;
+            }
+        }
+    }
+
+    async fn rtc_failed(&mut self, id: &str, reason: String) {
+        let acts = self.peers.get_mut(id).map(|p| p.neg.on_error(reason)).unwrap_or_default();
+        Box::pin(self.run_actions(id, acts)).await;
+    }
+
+    async fn send_signal(&mut self, to: &str, signal: Signal) {
+        self.request(Op::Signal { to: to.to_owned(), signal }, ReqKind::Signal).await;
+    }
+
+    fn close_rtc(&mut self, slot: RtcSlot) {
+        self.rtc_keys.remove(&slot.key);
+        tokio::spawn(async move { slot.link.close().await });
+    }
+
+    async fn new_rtc(&mut self, id: &str) -> Result<Arc<RtcLink>> {
+        if let Some(slot) = self.peers.get_mut(id).and_then(|p| p.rtc.take()) {
+            self.close_rtc(slot);
+        }
+        self.next_key += 1;
+        let key = self.next_key;
+        let link = Arc::new(RtcLink::new(&self.rtc_cfg, key, self.rtc_tx.clone()).await.map_err(|e| Error::WebRtc(e.to_string()))?);
+        self.rtc_keys.insert(key, id.to_owned());
+        if let Some(p) = self.peers.get_mut(id) {
+            p.rtc = Some(RtcSlot { link: link.clone(), key, open: false });
+        }
+        Ok(link)
+    }
+
+    async fn run_actions(&mut self, id: &str, actions: Vec<Action>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            let now = Instant::now();
+            let result: Result<()> = match a {
+                Action::CreateOffer => match self.new_rtc(id).await {
+                    Ok(link) => match link.create_offer().await {
+                        Ok(sdp) => {
+                            self.send_signal(id, Signal::Offer { sdp }).await;
+                            Ok(())
+                        }
+                        Err(e) => Err(Error::WebRtc(e.to_string())),
+                    },
+                    Err(e) => Err(e),
+                },
+                Action::AcceptOffer(sdp) => match self.new_rtc(id).await {
+                    Ok(link) => match link.accept_offer(&sdp).await {
+                        Ok(answer) => {
+                            self.send_signal(id, Signal::Answer { sdp: answer }).await;
+                            Ok(())
+                        }
+                        Err(e) => Err(Error::WebRtc(e.to_string())),
+                    },
+                    Err(e) => Err(e),
+                },
+                Action::AcceptAnswer(sdp) => match self.peers.get(id).and_then(|p| p.rtc.as_ref()).map(|s| s.link.clone()) {
+                    Some(link) => link.accept_answer(&sdp).await.map_err(|e| Error::WebRtc(e.to_string())),
+                    None => Ok(()),
+                },
+                Action::AddCandidate(Signal::Candidate { candidate, sdp_mid, sdp_m_line_index, username_fragment }) => {
+                    if let Some(link) = self.peers.get(id).and_then(|p| p.rtc.as_ref()).map(|s| s.link.clone()) {
+                        let c = CandidateInit { candidate, sdp_mid, sdp_m_line_index, username_fragment };
+                        if let Err(e) = link.add_remote_candidate(c).await {
+                            tracing::debug!(%e, peer = id, "remote candidate refused");
+                        }
+                    }
+                    Ok(())
+                }
+                Action::AddCandidate(_) => Ok(()),
+                Action::Send(signal) => {
+                    self.send_signal(id, signal).await;
+                    Ok(())
+                }
+                Action::CloseLink => {
+                    if let Some(slot) = self.peers.get_mut(id).and_then(|p| p.rtc.take()) {
+                        self.close_rtc(slot);
+                    }
+                    Ok(())
+                }
+                Action::Upgraded => {
+                    if let Some(p) = self.peers.get_mut(id) {
+                        if let Some(slot) = p.rtc.as_mut() {
+                            slot.open = true;
+                        }
+                        p.link.on_transport_change(now);
+                        for w in p.upgrade_waiters.drain(..) {
+                            let _ = w.send(Ok(()));
+                        }
+                        self.dirty.insert(id.to_owned());
+                    }
+                    self.peer_event(PeerEvent::Upgraded { peer: id.to_owned() });
+                    Ok(())
+                }
+                Action::Downgraded(reason) => {
+                    if let Some(p) = self.peers.get_mut(id) {
+                        p.link.on_transport_change(now);
+                        self.dirty.insert(id.to_owned());
+                    }
+                    self.peer_event(PeerEvent::Downgraded { peer: id.to_owned(), reason });
+                    Ok(())
+                }
+                Action::Failed(reason) => {
+                    if let Some(p) = self.peers.get_mut(id) {
+                        for w in p.upgrade_waiters.drain(..) {
+                            let _ = w.send(Err(Error::WebRtc(reason.clone())));
+                        }
+                    }
+                    self.peer_event(PeerEvent::UpgradeFailed { peer: id.to_owned(), reason });
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%e, peer = id, "webrtc step failed");
+                let more = self.peers.get_mut(id).map(|p| p.neg.on_error(e.to_string())).unwrap_or_default();
+                queue.extend(more);
+            }
+        }
+    }
+
+    // ---------- time ----------
+
+    async fn on_tick(&mut self) {
+        let now = Instant::now();
+        let mut acks = Vec::new();
+        let mut neg_actions = Vec::new();
+        for (id, p) in self.peers.iter_mut() {
+            let before = p.link.backlog();
+            p.link.on_tick(now);
+            if before > 0 {
+                self.dirty.insert(id.clone());
+            }
+            if let Some((upto, nack)) = p.link.ack_due(now) {
+                acks.push((id.clone(), upto, nack));
+            }
+            let acts = p.neg.on_tick(now);
+            if !acts.is_empty() {
+                neg_actions.push((id.clone(), acts));
+            }
+        }
+        for (id, upto, nack) in acks {
+            self.send_ack(&id, upto, nack).await;
+        }
+        for (id, acts) in neg_actions {
+            self.run_actions(&id, acts).await;
+        }
+        let expired: Vec<u64> = self.acks.iter().filter(|(_, a)| a.deadline <= now).map(|(k, _)| *k).collect();
+        for k in expired {
+            if let Some(a) = self.acks.remove(&k) {
+                let _ = a.tx.send(Err(Error::Timeout(format!("no reply from {} in time", a.peer))));
+            }
+        }
+        let expired: Vec<u64> = self.reqs.iter().filter(|(_, r)| r.deadline <= now).map(|(k, _)| *k).collect();
+        for k in expired {
+            if let Some(r) = self.reqs.remove(&k) {
+                let e = Error::Timeout("no answer from the server".into());
+                match r.kind {
+                    ReqKind::User(tx) | ReqKind::Join(_, tx) | ReqKind::Leave(_, tx) => {
+                        let _ = tx.send(Err(e));
+                    }
+                    ReqKind::Hello => self.finish_ready(Err(e)),
+                    ReqKind::Pair => self.finish_ready(Err(Error::PeerOffline("pairing timed out".into()))),
+                    ReqKind::Signal => {}
+                }
+            }
+        }
+        if self.ready.is_some() && now >= self.ready_deadline {
+            self.finish_ready(Err(Error::Timeout("not ready in time".into())));
+        }
+    }
+
+    async fn shutdown(&mut self, reason: &str) {
+        if self.stop {
+            return;
+        }
+        self.stop = true;
+        self.finish_ready(Err(Error::Connection(reason.to_owned())));
+        let ids: Vec<String> = self.peers.keys().cloned().collect();
+        for id in ids {
+            let acts = self.peers.get_mut(&id).map(|p| p.neg.hang_up(reason)).unwrap_or_default();
+            // Only close links here: no signals to a server we are leaving.
+            for a in acts {
+                if a == Action::CloseLink {
+                    if let Some(slot) = self.peers.get_mut(&id).and_then(|p| p.rtc.take()) {
+                        self.close_rtc(slot);
+                    }
+                }
+            }
+            self.remove_peer(&id, reason).await;
+        }
+        for (_, r) in self.reqs.drain() {
+            if let ReqKind::User(tx) | ReqKind::Join(_, tx) | ReqKind::Leave(_, tx) = r.kind {
+                let _ = tx.send(Err(Error::Closed));
+            }
+        }
+        for (_, tx) in self.parked.drain(..) {
+            let _ = tx.send(Err(Error::Closed));
+        }
+        self.peer_event(PeerEvent::Closed { reason: reason.to_owned() });
+    }
+}
+
+fn rand_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() | 1
+}

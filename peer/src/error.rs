@@ -1,0 +1,72 @@
+//! Errors of the peer crate.
+use socketio_p2p_signaling::protocol::ErrorCode;
+
+/// Everything that can go wrong for a [`crate::P2p`] call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No answer within the configured time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The peer is not connected (or left every room shared with us, or disconnected while
+    /// we were waiting for it).
+    #[error("peer offline: {0}")]
+    PeerOffline(String),
+    /// The uid is held by another connected peer.
+    #[error("uid taken: {0}")]
+    UidTaken(String),
+    /// The server refused the connection or request (auth hook, rate limit, bad request...).
+    #[error("rejected by the server ({code}): {message}")]
+    Rejected {
+        /// The server's error code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The remote peer answered an ack request with an error (no handler, handler dropped
+    /// the request without replying, payload too large...).
+    #[error("remote error ({code}): {message}")]
+    Remote {
+        /// Machine-readable code sent by the remote peer.
+        code: String,
+        /// Human-readable text.
+        message: String,
+    },
+    /// The payload is larger than `max_message_size`.
+    #[error("payload of {size} bytes is larger than the limit of {max}")]
+    PayloadTooLarge {
+        /// Size of the payload.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A payload could not be (de)serialized as the requested type.
+    #[error("serialization: {0}")]
+    Serde(String),
+    /// The Socket.IO connection could not be made or failed.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The [`crate::P2p`] is closed (its actor stopped).
+    #[error("closed")]
+    Closed,
+    /// WebRTC could not be set up with this peer (the relay keeps working).
+    #[error("webrtc: {0}")]
+    WebRtc(String),
+    /// A wait was bounded by the reconnect queue, a window or a limit and the bound was hit.
+    #[error("queue full: {0}")]
+    QueueFull(String),
+}
+
+impl Error {
+    pub(crate) fn from_server(code: ErrorCode, message: String) -> Self {
+        match code {
+            ErrorCode::UidTaken => Error::UidTaken(message),
+            ErrorCode::PeerOffline | ErrorCode::UnknownPeer => Error::PeerOffline(message),
+            ErrorCode::PayloadTooLarge => Error::Rejected { code, message },
+            code => Error::Rejected { code, message },
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

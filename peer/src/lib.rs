@@ -1,0 +1,408 @@
+//! # socketio-p2p
+//!
+//! Peer-to-peer events over Socket.IO that upgrade to WebRTC data channels.
+//!
+//! A [`P2p`] wraps a [rust_socketio](https://docs.rs/rust_socketio) client connected to a
+//! server running [`socketio_p2p_signaling::P2pSignaling`]. Events go to the other peers of
+//! your rooms through the server first; once WebRTC is up (automatically, or on
+//! [`P2p::upgrade`]), they go over direct data channels. The API is the same on both
+//! transports, acks and binary included, and a peer whose data channel dies goes back to
+//! the relay by itself.
+//!
+//! ```no_run
+//! use socketio_p2p::{P2p, P2pOptions};
+//! # async fn run() -> Result<(), socketio_p2p::Error> {
+//! let p2p = P2p::connect("http://127.0.0.1:3000", P2pOptions::default().room("chat")).await?;
+//! p2p.on("peer-msg", |ev| println!("{} says {:?}", ev.from(), ev.payload()));
+//! p2p.emit("peer-msg", "hello").await?;
+//! let answer = p2p.to("some-peer-id").emit_with_ack("ping", ()).await;
+//! # Ok(()) }
+//! ```
+mod actor;
+mod dispatch;
+mod error;
+mod link;
+mod negotiate;
+mod options;
+mod payload;
+mod rtc;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{FutureExt, Stream};
+use rust_socketio::asynchronous::ClientBuilder;
+use rust_socketio::{Event as SioEvent, Payload as SioPayload};
+use socketio_p2p_signaling::protocol::{Op, events};
+use tokio::sync::{mpsc, oneshot};
+
+pub use error::{Error, Result};
+pub use options::{DEFAULT_ROOM, IceServer, P2pOptions};
+pub use payload::{Event, Payload, PeerEvent, Transport};
+pub use socketio_p2p_signaling::protocol::{ErrorCode, PeerInfo};
+
+use actor::{Actor, Channels, Cmd, NetIn};
+use dispatch::Registry;
+
+/// Identifies a handler registered with [`P2p::on`] and friends, for [`P2p::off_handler`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HandlerId(u64);
+
+struct Inner {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    registry: Registry,
+    me: PeerInfo,
+    ack_timeout: Duration,
+    events_capacity: usize,
+}
+
+/// A peer: the handle to one connection to a `P2pSignaling` server and to every peer met
+/// there. Cheap to clone; the connection closes when the last clone is dropped or on
+/// [`P2p::close`].
+#[derive(Clone)]
+pub struct P2p {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for P2p {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("P2p").field("id", &self.inner.me.id).field("uid", &self.inner.me.uid).finish()
+    }
+}
+
+impl P2p {
+    /// Connects to `url` (e.g. `http://127.0.0.1:3000`, root namespace) and registers.
+    pub async fn connect(url: &str, opts: P2pOptions) -> Result<P2p> {
+        Self::new(ClientBuilder::new(url), opts).await
+    }
+
+    /// Builds the peer on a rust_socketio [`ClientBuilder`] (set the address, namespace,
+    /// TLS or headers on it first).
+    ///
+    /// It takes the builder rather than a connected client because rust_socketio only
+    /// accepts event handlers before `connect()`: `P2p` adds its own for the `p2p:*`
+    /// events, connects, waits for the server's CONNECT (so nothing is sent before the
+    /// server listens), registers, and, with [`P2pOptions::peer_uid`], waits until the pair
+    /// is up and an echo went both ways.
+    pub async fn new(builder: ClientBuilder, opts: P2pOptions) -> Result<P2p> {
+        let (net_tx, net_rx) = mpsc::unbounded_channel::<NetIn>();
+        let mut builder = builder.reconnect(false);
+        if let Some(auth) = &opts.auth {
+            builder = builder.auth(auth.clone());
+        }
+        for event in [events::FRAME, events::RESPONSE, events::SIGNAL, events::PRESENCE, events::ERROR] {
+            let tx = net_tx.clone();
+            builder = builder.on(event, move |payload: SioPayload, _| {
+                if let Some(n) = NetIn::from_event(event, payload) {
+                    let _ = tx.send(n);
+                }
+                async {}.boxed()
+            });
+        }
+        let tx = net_tx.clone();
+        builder = builder.on(SioEvent::Connect, move |_, _| {
+            let _ = tx.send(NetIn::Connected);
+            async {}.boxed()
+        });
+        let tx = net_tx.clone();
+        builder = builder.on(SioEvent::Close, move |_, _| {
+            let _ = tx.send(NetIn::Closed);
+            async {}.boxed()
+        });
+        let tx = net_tx;
+        builder = builder.on(SioEvent::Error, move |payload: SioPayload, _| {
+            let text = match payload {
+                SioPayload::Text(v) => v.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(" "),
+                #[allow(deprecated)]
+                SioPayload::String(s) => s,
+                SioPayload::Binary(_) => String::from("binary error"),
+            };
+            let _ = tx.send(NetIn::SocketError(text));
+            async {}.boxed()
+        });
+        let client = builder.connect().await.map_err(|e| Error::Connection(e.to_string()))?;
+
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::channel(opts.events_capacity);
+        let (pe_tx, pe_rx) = mpsc::unbounded_channel();
+        let registry = Registry::default();
+        tokio::spawn(dispatch::run(registry.clone(), ev_rx, pe_rx));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let ack_timeout = opts.ack_timeout;
+        let events_capacity = opts.events_capacity;
+        let actor = Actor::new(opts, client, Channels { cmds: cmd_rx, net: net_rx, events: ev_tx, peer_events: pe_tx }, ready_tx);
+        tokio::spawn(actor.run());
+        let me = ready_rx.await.map_err(|_| Error::Closed)??;
+        Ok(P2p { inner: Arc::new(Inner { cmds: cmd_tx, registry, me, ack_timeout, events_capacity }) })
+    }
+
+    /// This peer's server-assigned id.
+    pub fn id(&self) -> &str {
+        &self.inner.me.id
+    }
+
+    /// The uid this peer holds, if it claimed one.
+    pub fn uid(&self) -> Option<&str> {
+        self.inner.me.uid.as_deref()
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<()> {
+        self.inner.cmds.send(cmd).map_err(|_| Error::Closed)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    async fn emit_inner(&self, target: Option<String>, event: &str, payload: Payload, volatile: bool) -> Result<()> {
+        self.call(|done| Cmd::Emit { target, event: event.to_owned(), payload, volatile, done }).await?
+    }
+
+    /// Sends an event to every peer of this peer's rooms and pair. Returns once the event is
+    /// queued on every link (it waits while a receiver is too far behind: flow control).
+    /// Delivery is reliable and in order per peer, over whichever transport is up.
+    pub async fn emit(&self, event: &str, payload: impl Into<Payload>) -> Result<()> {
+        self.emit_inner(None, event, payload.into(), false).await
+    }
+
+    /// Sends an event to every peer and waits for each one's reply.
+    pub async fn emit_with_ack(&self, event: &str, payload: impl Into<Payload>) -> Result<Vec<(String, Result<Payload>)>> {
+        let payload = payload.into();
+        let peers = self.peers().await?;
+        let calls = peers.into_iter().map(|p| {
+            let payload = payload.clone();
+            async move {
+                let r = self.to(&p.id).emit_with_ack(event, payload).await;
+                (p.id, r)
+            }
+        });
+        Ok(futures_util::future::join_all(calls).await)
+    }
+
+    /// Sends a best-effort event to every peer: never retransmitted, may be lost, never
+    /// delays reliable events (for game state and the like). At most 16 KiB.
+    pub async fn emit_volatile(&self, event: &str, payload: impl Into<Payload>) -> Result<()> {
+        self.emit_inner(None, event, payload.into(), true).await
+    }
+
+    /// Targets one peer: `p2p.to(id).emit(...)`.
+    pub fn to(&self, peer: &str) -> To<'_> {
+        To { p2p: self, peer: peer.to_owned() }
+    }
+
+    /// Handles an event from any peer. Handlers run on the dispatcher task, one event at a
+    /// time: keep them short and spawn tasks for long work.
+    pub fn on(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
+        HandlerId(self.inner.registry.add(Some(event.to_owned()), None, false, Arc::new(handler)))
+    }
+
+    /// Like [`P2p::on`], for the next matching event only.
+    pub fn once(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
+        HandlerId(self.inner.registry.add(Some(event.to_owned()), None, true, Arc::new(handler)))
+    }
+
+    /// Handles every event, whatever its name.
+    pub fn on_any(&self, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
+        HandlerId(self.inner.registry.add(None, None, false, Arc::new(handler)))
+    }
+
+    /// Removes every handler of `event` registered with `on`/`once` (not those of `from(..)`).
+    pub fn off(&self, event: &str) {
+        self.inner.registry.remove(Some(event), None);
+    }
+
+    /// Removes one handler.
+    pub fn off_handler(&self, id: HandlerId) {
+        self.inner.registry.remove_id(id.0);
+    }
+
+    /// Filters on one sender: `p2p.from(id).on(...)`. Its handlers go away when that peer
+    /// disconnects.
+    pub fn from(&self, peer: &str) -> From<'_> {
+        From { p2p: self, peer: peer.to_owned() }
+    }
+
+    /// Every event as a stream (for `while let Some(ev) = events.next().await`).
+    pub fn events(&self) -> EventStream {
+        EventStream(self.inner.registry.stream(None, None, self.inner.events_capacity))
+    }
+
+    /// The events named `event` as a stream.
+    pub fn events_named(&self, event: &str) -> EventStream {
+        EventStream(self.inner.registry.stream(Some(event.to_owned()), None, self.inner.events_capacity))
+    }
+
+    /// Lifecycle events (peers joining, leaving, upgrades...) as a stream. Only events after
+    /// this call are seen.
+    pub fn peer_events(&self) -> PeerEventStream {
+        PeerEventStream(self.inner.registry.peer_stream(self.inner.events_capacity))
+    }
+
+    /// Handles lifecycle events.
+    pub fn on_peer_event(&self, handler: impl Fn(PeerEvent) + Send + Sync + 'static) {
+        self.inner.registry.on_peer_event(Arc::new(handler));
+    }
+
+    /// The peers this peer can reach (rooms and pair), sorted by id.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
+        self.call(|reply| Cmd::Peers { reply }).await
+    }
+
+    async fn request(&self, op: Op) -> Result<serde_json::Value> {
+        self.call(|reply| Cmd::Request { op, reply }).await?
+    }
+
+    /// Joins a room; returns its other peers.
+    pub async fn join(&self, room: &str) -> Result<Vec<PeerInfo>> {
+        let v = self.request(Op::Join { room: room.to_owned() }).await?;
+        serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
+    }
+
+    /// Leaves a room.
+    pub async fn leave(&self, room: &str) -> Result<()> {
+        self.request(Op::Leave { room: room.to_owned() }).await.map(|_| ())
+    }
+
+    /// The other peers of a room this peer is in.
+    pub async fn room_peers(&self, room: &str) -> Result<Vec<PeerInfo>> {
+        let v = self.request(Op::Peers { room: room.to_owned() }).await?;
+        serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
+    }
+
+    /// Starts moving every reachable peer onto WebRTC (up to `num_clients`). Watch
+    /// [`PeerEvent::Upgraded`] / [`PeerEvent::UpgradeFailed`], or use [`P2p::upgrade_peer`].
+    pub fn upgrade(&self) -> Result<()> {
+        self.send(Cmd::Upgrade { peer: None, done: None })
+    }
+
+    /// Moves one peer onto WebRTC and waits for the outcome. On failure the peer stays on
+    /// the relay and keeps working.
+    pub async fn upgrade_peer(&self, peer: &str) -> Result<()> {
+        self.call(|done| Cmd::Upgrade { peer: Some(peer.to_owned()), done: Some(done) }).await?
+    }
+
+    /// Closes the data channel to a peer; traffic goes back to the relay.
+    pub fn downgrade_peer(&self, peer: &str) -> Result<()> {
+        self.send(Cmd::Downgrade { peer: peer.to_owned() })
+    }
+
+    /// The transport currently used with a peer.
+    pub async fn transport(&self, peer: &str) -> Result<Transport> {
+        self.call(|reply| Cmd::Transport { peer: peer.to_owned(), reply }).await?
+    }
+
+    /// Number of WebRTC peer connections this peer holds (open or being set up).
+    pub async fn webrtc_connections(&self) -> Result<usize> {
+        self.call(|reply| Cmd::LiveConnections { reply }).await
+    }
+
+    /// Closes every connection. Pending calls fail with [`Error::Closed`] or
+    /// [`Error::PeerOffline`].
+    pub async fn close(&self) {
+        let _ = self.call(|done| Cmd::Close { done }).await;
+    }
+}
+
+/// Number of WebRTC peer connections alive in this process (all `P2p`s), for leak checks.
+pub fn live_webrtc_connections() -> usize {
+    rtc::live_links()
+}
+
+/// Sends to one peer; see [`P2p::to`].
+#[derive(Debug)]
+pub struct To<'a> {
+    p2p: &'a P2p,
+    peer: String,
+}
+
+impl To<'_> {
+    /// Sends an event to this peer (reliable, ordered).
+    pub async fn emit(&self, event: &str, payload: impl Into<Payload>) -> Result<()> {
+        self.p2p.emit_inner(Some(self.peer.clone()), event, payload.into(), false).await
+    }
+    /// Sends a best-effort event to this peer.
+    pub async fn emit_volatile(&self, event: &str, payload: impl Into<Payload>) -> Result<()> {
+        self.p2p.emit_inner(Some(self.peer.clone()), event, payload.into(), true).await
+    }
+    /// Sends an event and waits for the reply (the default ack timeout applies).
+    pub async fn emit_with_ack(&self, event: &str, payload: impl Into<Payload>) -> Result<Payload> {
+        self.emit_with_ack_timeout(event, payload, self.p2p.inner.ack_timeout).await
+    }
+    /// Sends an event and waits at most `timeout` for the reply.
+    pub async fn emit_with_ack_timeout(&self, event: &str, payload: impl Into<Payload>, timeout: Duration) -> Result<Payload> {
+        let payload = payload.into();
+        self.p2p
+            .call(|reply| Cmd::EmitAck { peer: self.peer.clone(), event: event.to_owned(), payload, timeout, reply })
+            .await?
+    }
+}
+
+/// Listens to one peer; see [`P2p::from`].
+#[derive(Debug)]
+pub struct From<'a> {
+    p2p: &'a P2p,
+    peer: String,
+}
+
+impl From<'_> {
+    /// Handles `event` from this peer only.
+    pub fn on(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
+        HandlerId(self.p2p.inner.registry.add(Some(event.to_owned()), Some(self.peer.clone()), false, Arc::new(handler)))
+    }
+    /// Handles the next `event` from this peer only.
+    pub fn once(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
+        HandlerId(self.p2p.inner.registry.add(Some(event.to_owned()), Some(self.peer.clone()), true, Arc::new(handler)))
+    }
+    /// Handles every event from this peer.
+    pub fn on_any(&self, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
+        HandlerId(self.p2p.inner.registry.add(None, Some(self.peer.clone()), false, Arc::new(handler)))
+    }
+    /// Removes this peer's handlers of `event`.
+    pub fn off(&self, event: &str) {
+        self.p2p.inner.registry.remove(Some(event), Some(&self.peer));
+    }
+    /// This peer's events as a stream.
+    pub fn events(&self) -> EventStream {
+        EventStream(self.p2p.inner.registry.stream(None, Some(self.peer.clone()), self.p2p.inner.events_capacity))
+    }
+}
+
+/// A stream of received events (see [`P2p::events`]). A slow reader slows the senders down.
+#[derive(Debug)]
+pub struct EventStream(mpsc::Receiver<Event>);
+
+impl EventStream {
+    /// The next event (`None` once the `P2p` is closed).
+    pub async fn next(&mut self) -> Option<Event> {
+        self.0.recv().await
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Event;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// A stream of lifecycle events (see [`P2p::peer_events`]).
+#[derive(Debug)]
+pub struct PeerEventStream(mpsc::Receiver<PeerEvent>);
+
+impl PeerEventStream {
+    /// The next lifecycle event.
+    pub async fn next(&mut self) -> Option<PeerEvent> {
+        self.0.recv().await
+    }
+}
+
+impl Stream for PeerEventStream {
+    type Item = PeerEvent;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PeerEvent>> {
+        self.0.poll_recv(cx)
+    }
+}

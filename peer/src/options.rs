@@ -1,0 +1,196 @@
+//! `P2pOptions`: every knob of a [`crate::P2p`], with defaults that work.
+use std::time::Duration;
+
+/// One ICE server (STUN or TURN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IceServer {
+    /// URLs, e.g. `stun:stun.example.org:3478` or `turn:turn.example.org:3478`.
+    pub urls: Vec<String>,
+    /// TURN username.
+    pub username: Option<String>,
+    /// TURN credential.
+    pub credential: Option<String>,
+}
+
+impl IceServer {
+    /// A STUN server.
+    pub fn stun(url: impl Into<String>) -> Self {
+        Self { urls: vec![url.into()], username: None, credential: None }
+    }
+    /// A TURN server with credentials.
+    pub fn turn(url: impl Into<String>, username: impl Into<String>, credential: impl Into<String>) -> Self {
+        Self { urls: vec![url.into()], username: Some(username.into()), credential: Some(credential.into()) }
+    }
+}
+
+impl From<IceServer> for crate::rtc::IceServerConfig {
+    fn from(s: IceServer) -> Self {
+        Self { urls: s.urls, username: s.username, credential: s.credential }
+    }
+}
+
+/// Options for [`crate::P2p::new`]. Start from `P2pOptions::default()` and chain setters.
+///
+/// ```
+/// use socketio_p2p::P2pOptions;
+/// let opts = P2pOptions::default().room("lobby").auto_upgrade(false).num_clients(10);
+/// ```
+#[derive(Debug, Clone)]
+pub struct P2pOptions {
+    pub(crate) uid: Option<String>,
+    pub(crate) peer_uid: Option<String>,
+    pub(crate) rooms: Vec<String>,
+    pub(crate) auth: Option<serde_json::Value>,
+    pub(crate) request_timeout: Duration,
+    pub(crate) pair_timeout: Duration,
+    pub(crate) ack_timeout: Duration,
+    pub(crate) max_message_size: usize,
+    pub(crate) window: usize,
+    pub(crate) auto_upgrade: bool,
+    pub(crate) num_clients: usize,
+    pub(crate) upgrade_timeout: Duration,
+    pub(crate) ice_servers: Vec<IceServer>,
+    pub(crate) trickle: bool,
+    pub(crate) loopback_only: bool,
+    pub(crate) disable_mdns: bool,
+    pub(crate) block_all_candidates: bool,
+    pub(crate) events_capacity: usize,
+}
+
+/// The room joined when no uid, peer uid or room is given.
+pub const DEFAULT_ROOM: &str = "default";
+
+impl Default for P2pOptions {
+    fn default() -> Self {
+        Self {
+            uid: None,
+            peer_uid: None,
+            rooms: Vec::new(),
+            auth: None,
+            request_timeout: Duration::from_secs(10),
+            pair_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(10),
+            max_message_size: 64 * 1024 * 1024,
+            window: 256,
+            auto_upgrade: true,
+            num_clients: 5,
+            upgrade_timeout: Duration::from_secs(5),
+            ice_servers: vec![IceServer::stun("stun:stun.l.google.com:19302")],
+            trickle: true,
+            loopback_only: false,
+            disable_mdns: true,
+            block_all_candidates: false,
+            events_capacity: 1024,
+        }
+    }
+}
+
+impl P2pOptions {
+    /// Claims a unique uid on the server (`UidTaken` if someone holds it).
+    pub fn uid(mut self, uid: impl Into<String>) -> Self {
+        self.uid = Some(uid.into());
+        self
+    }
+    /// Pairs with the peer holding this uid (socket.io-bridge style): `P2p::new` returns once
+    /// the pair is up and an echo went both ways, or fails with `PeerOffline` after
+    /// [`P2pOptions::pair_timeout`]. Only one side of a pair sets it.
+    pub fn peer_uid(mut self, uid: impl Into<String>) -> Self {
+        self.peer_uid = Some(uid.into());
+        self
+    }
+    /// Joins a room at start (call again for more rooms). With no uid, peer uid or room,
+    /// the peer joins the room `"default"`, so that everyone connected meets everyone.
+    pub fn room(mut self, room: impl Into<String>) -> Self {
+        self.rooms.push(room.into());
+        self
+    }
+    /// Socket.IO connect `auth` payload (checked by the server's auth hook).
+    pub fn auth(mut self, auth: serde_json::Value) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+    /// How long to wait for the server's reply to a request (default 10 s).
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+    /// How long pairing waits for the peer (default 10 s).
+    pub fn pair_timeout(mut self, d: Duration) -> Self {
+        self.pair_timeout = d;
+        self
+    }
+    /// Default time to wait for an ack reply (default 10 s).
+    pub fn ack_timeout(mut self, d: Duration) -> Self {
+        self.ack_timeout = d;
+        self
+    }
+    /// Largest payload sent or accepted (default 64 MiB). Larger messages are split into
+    /// frames and reassembled.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+    /// Reliable frames in flight per peer before waiting for acknowledgements (default 256).
+    pub fn window(mut self, frames: usize) -> Self {
+        self.window = frames.max(2);
+        self
+    }
+    /// Upgrade to WebRTC as soon as peers meet (default true).
+    pub fn auto_upgrade(mut self, on: bool) -> Self {
+        self.auto_upgrade = on;
+        self
+    }
+    /// Most peers connected over WebRTC at once (default 5); others stay on the relay.
+    pub fn num_clients(mut self, n: usize) -> Self {
+        self.num_clients = n;
+        self
+    }
+    /// How long an upgrade may take before the peer stays on the relay (default 5 s).
+    pub fn upgrade_timeout(mut self, d: Duration) -> Self {
+        self.upgrade_timeout = d;
+        self
+    }
+    /// ICE servers (STUN/TURN). Default: one public STUN server.
+    pub fn ice_servers(mut self, servers: Vec<IceServer>) -> Self {
+        self.ice_servers = servers;
+        self
+    }
+    /// Trickle ICE candidates (default true); off puts them all in the SDP.
+    pub fn trickle(mut self, on: bool) -> Self {
+        self.trickle = on;
+        self
+    }
+    /// Local-only WebRTC: loopback candidates only, no ICE servers, no mDNS. For tests and
+    /// demos on one machine.
+    pub fn loopback_only(mut self) -> Self {
+        self.loopback_only = true;
+        self.ice_servers.clear();
+        self.disable_mdns = true;
+        self
+    }
+    /// mDNS candidates off (default true: off).
+    pub fn disable_mdns(mut self, on: bool) -> Self {
+        self.disable_mdns = on;
+        self
+    }
+    /// Gathers no ICE candidate at all, so every upgrade fails (to exercise the fallback).
+    #[doc(hidden)]
+    pub fn block_all_candidates(mut self) -> Self {
+        self.block_all_candidates = true;
+        self
+    }
+    /// Capacity of the queue of received events waiting for handlers and streams
+    /// (default 1024); when full, senders are slowed down.
+    pub fn events_capacity(mut self, n: usize) -> Self {
+        self.events_capacity = n.max(1);
+        self
+    }
+
+    pub(crate) fn effective_rooms(&self) -> Vec<String> {
+        if self.rooms.is_empty() && self.uid.is_none() && self.peer_uid.is_none() {
+            vec![DEFAULT_ROOM.to_owned()]
+        } else {
+            self.rooms.clone()
+        }
+    }
+}

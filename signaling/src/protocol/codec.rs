@@ -1,0 +1,616 @@
+//! The binary envelope codec: one frame format for the relay and for data channels.
+//!
+//! Layout (all integers are LEB128 varints unless noted, strings are length-prefixed UTF-8):
+//!
+//! ```text
+//! u8 version (=1) | u8 kind | u8 flags | u8 len + to | u8 len + from | body
+//! kind 1 Data:     varint seq | message
+//! kind 2 Volatile: message
+//! kind 3 LinkAck:  varint upto
+//! kind 4 Ping:     varint nonce            (flag PONG set on the answer)
+//! message: u8 msg-kind, then
+//!   1 Event:        varint ack_id (0 = none) | varint len + event name | payload bytes (rest)
+//!   2 Reply:        varint ack_id | payload bytes (rest)
+//!   3 ReplyError:   varint ack_id | u8 len + code | message (rest, UTF-8)
+//!   4 Continuation: payload bytes (rest)
+//! flags: bit 0 MORE (a fragment follows), bit 1 BINARY (payload is raw bytes, else JSON text),
+//!        bit 2 NACK (LinkAck: the receiver saw a gap), bit 3 PONG (Ping: this is the answer)
+//! ```
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Version byte of the frame format.
+pub const FRAME_VERSION: u8 = 1;
+const KIND_DATA: u8 = 1;
+const KIND_VOLATILE: u8 = 2;
+const KIND_LINK_ACK: u8 = 3;
+const KIND_PING: u8 = 4;
+const MSG_EVENT: u8 = 1;
+const MSG_REPLY: u8 = 2;
+const MSG_REPLY_ERROR: u8 = 3;
+const MSG_CONTINUATION: u8 = 4;
+const FLAG_MORE: u8 = 1;
+const FLAG_BINARY: u8 = 2;
+const FLAG_NACK: u8 = 4;
+const FLAG_PONG: u8 = 8;
+/// Longest peer id accepted in a frame header.
+pub const MAX_ID_LEN: usize = 255;
+
+/// Why a frame could not be decoded or encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The frame ended before its header was complete.
+    #[error("frame truncated")]
+    Truncated,
+    /// Unknown version byte.
+    #[error("unsupported frame version {0}")]
+    Version(u8),
+    /// Unknown frame or message kind.
+    #[error("unknown kind {0}")]
+    Kind(u8),
+    /// A string field was not valid UTF-8.
+    #[error("invalid UTF-8 in {0}")]
+    Utf8(&'static str),
+    /// A varint was longer than 10 bytes or overflowed.
+    #[error("invalid varint")]
+    Varint,
+    /// A field is longer than the format allows.
+    #[error("{0} too long")]
+    TooLong(&'static str),
+    /// Bad relay escaping (see [`relay_escape`]).
+    #[error("bad relay escape sequence")]
+    Escape,
+}
+
+/// Payload of a message: JSON text or raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WirePayload {
+    /// UTF-8 JSON text (not validated by the codec).
+    Json(Bytes),
+    /// Opaque binary.
+    Binary(Bytes),
+}
+
+impl WirePayload {
+    /// The payload bytes, whatever the kind.
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            WirePayload::Json(b) | WirePayload::Binary(b) => b,
+        }
+    }
+    /// True for binary payloads.
+    pub fn is_binary(&self) -> bool {
+        matches!(self, WirePayload::Binary(_))
+    }
+}
+
+/// A message carried by a data or volatile frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    /// An application event.
+    Event {
+        /// Application event name (any string).
+        event: String,
+        /// Set when the sender waits for a reply.
+        ack_id: Option<u64>,
+        /// The payload (or the first part of it when fragmented).
+        payload: WirePayload,
+    },
+    /// A reply to an event that asked for one.
+    Reply {
+        /// The ack id of the event answered.
+        ack_id: u64,
+        /// The reply payload (or its first part).
+        payload: WirePayload,
+    },
+    /// The receiver could not reply (no handler, handler dropped the request, ...).
+    ReplyError {
+        /// The ack id of the event answered.
+        ack_id: u64,
+        /// Machine-readable code.
+        code: String,
+        /// Human-readable text.
+        message: String,
+    },
+    /// The next part of a fragmented message.
+    Continuation {
+        /// Bytes to append.
+        data: Bytes,
+    },
+}
+
+/// The body of a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// Reliable, ordered, sequenced message.
+    Data {
+        /// Per peer-pair sequence number, starting at 1.
+        seq: u64,
+        /// Another fragment of the same message follows.
+        more: bool,
+        /// The message.
+        msg: Msg,
+    },
+    /// Best-effort message: not sequenced, never retransmitted, never fragmented.
+    Volatile {
+        /// The message.
+        msg: Msg,
+    },
+    /// Cumulative acknowledgement of reliable frames.
+    LinkAck {
+        /// Every frame with `seq <= upto` was received.
+        upto: u64,
+        /// The receiver saw a gap after `upto`: resend from `upto + 1` now.
+        nack: bool,
+    },
+    /// Liveness and echo: answered at once with `pong: true` and the same nonce.
+    Ping {
+        /// Chosen by the sender of the ping.
+        nonce: u64,
+        /// True on the answer.
+        pong: bool,
+    },
+}
+
+/// One frame: what moves over the relay (`p2p:f`) or a data channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Target peer id (relay routing). Empty on data channels.
+    pub to: String,
+    /// Sender peer id. Set by the server on relayed frames; ignored from clients.
+    pub from: String,
+    /// The body.
+    pub body: Body,
+}
+
+fn put_varint(buf: &mut BytesMut, mut v: u64) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            buf.put_u8(byte);
+            return;
+        }
+        buf.put_u8(byte | 0x80);
+    }
+}
+
+fn put_str8(buf: &mut BytesMut, s: &str, what: &'static str) -> Result<(), CodecError> {
+    let len = u8::try_from(s.len()).map_err(|_| CodecError::TooLong(what))?;
+    buf.put_u8(len);
+    buf.put_slice(s.as_bytes());
+    Ok(())
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn u8(&mut self) -> Result<u8, CodecError> {
+        let b = *self.buf.get(self.pos).ok_or(CodecError::Truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+    fn varint(&mut self) -> Result<u64, CodecError> {
+        let mut v: u64 = 0;
+        for i in 0..10 {
+            let b = self.u8()?;
+            let part = u64::from(b & 0x7f);
+            if i == 9 && b > 1 {
+                return Err(CodecError::Varint);
+            }
+            v |= part << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(CodecError::Varint)
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+        let end = self.pos.checked_add(n).ok_or(CodecError::Truncated)?;
+        let s = self.buf.get(self.pos..end).ok_or(CodecError::Truncated)?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn str8(&mut self, what: &'static str) -> Result<&'a str, CodecError> {
+        let n = usize::from(self.u8()?);
+        std::str::from_utf8(self.take(n)?).map_err(|_| CodecError::Utf8(what))
+    }
+    fn str_var(&mut self, what: &'static str) -> Result<&'a str, CodecError> {
+        let n = usize::try_from(self.varint()?).map_err(|_| CodecError::TooLong(what))?;
+        std::str::from_utf8(self.take(n)?).map_err(|_| CodecError::Utf8(what))
+    }
+}
+
+impl Frame {
+    /// Encodes the frame.
+    pub fn encode(&self) -> Result<Bytes, CodecError> {
+        let payload_len = match &self.body {
+            Body::Data { msg, .. } | Body::Volatile { msg } => msg_payload_len(msg),
+            Body::LinkAck { .. } | Body::Ping { .. } => 0,
+        };
+        let mut buf = BytesMut::with_capacity(32 + self.to.len() + self.from.len() + payload_len);
+        let (kind, mut flags) = match &self.body {
+            Body::Data { more, .. } => (KIND_DATA, if *more { FLAG_MORE } else { 0 }),
+            Body::Volatile { .. } => (KIND_VOLATILE, 0),
+            Body::LinkAck { nack, .. } => (KIND_LINK_ACK, if *nack { FLAG_NACK } else { 0 }),
+            Body::Ping { pong, .. } => (KIND_PING, if *pong { FLAG_PONG } else { 0 }),
+        };
+        if let Body::Data { msg, .. } | Body::Volatile { msg } = &self.body {
+            match msg {
+                Msg::Event { payload, .. } | Msg::Reply { payload, .. } if payload.is_binary() => {
+                    flags |= FLAG_BINARY
+                }
+                _ => {}
+            }
+        }
+        buf.put_u8(FRAME_VERSION);
+        buf.put_u8(kind);
+        buf.put_u8(flags);
+        put_str8(&mut buf, &self.to, "to")?;
+        put_str8(&mut buf, &self.from, "from")?;
+        match &self.body {
+            Body::Data { seq, msg, .. } => {
+                put_varint(&mut buf, *seq);
+                encode_msg(&mut buf, msg)?;
+            }
+            Body::Volatile { msg } => encode_msg(&mut buf, msg)?,
+            Body::LinkAck { upto, .. } => put_varint(&mut buf, *upto),
+            Body::Ping { nonce, .. } => put_varint(&mut buf, *nonce),
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Decodes a frame. Payload bytes are zero-copy slices of `frame`.
+    pub fn decode(frame: &Bytes) -> Result<Frame, CodecError> {
+        let mut r = Reader { buf: frame, pos: 0 };
+        let version = r.u8()?;
+        if version != FRAME_VERSION {
+            return Err(CodecError::Version(version));
+        }
+        let kind = r.u8()?;
+        let flags = r.u8()?;
+        let to = r.str8("to")?.to_owned();
+        let from = r.str8("from")?.to_owned();
+        let body = match kind {
+            KIND_DATA => {
+                let seq = r.varint()?;
+                let msg = decode_msg(&mut r, frame, flags)?;
+                Body::Data {
+                    seq,
+                    more: flags & FLAG_MORE != 0,
+                    msg,
+                }
+            }
+            KIND_VOLATILE => Body::Volatile {
+                msg: decode_msg(&mut r, frame, flags)?,
+            },
+            KIND_LINK_ACK => Body::LinkAck {
+                upto: r.varint()?,
+                nack: flags & FLAG_NACK != 0,
+            },
+            KIND_PING => Body::Ping {
+                nonce: r.varint()?,
+                pong: flags & FLAG_PONG != 0,
+            },
+            k => return Err(CodecError::Kind(k)),
+        };
+        Ok(Frame { to, from, body })
+    }
+}
+
+fn msg_payload_len(msg: &Msg) -> usize {
+    match msg {
+        Msg::Event { payload, event, .. } => payload.bytes().len() + event.len(),
+        Msg::Reply { payload, .. } => payload.bytes().len(),
+        Msg::ReplyError { message, .. } => message.len() + 255,
+        Msg::Continuation { data } => data.len(),
+    }
+}
+
+fn encode_msg(buf: &mut BytesMut, msg: &Msg) -> Result<(), CodecError> {
+    match msg {
+        Msg::Event {
+            event,
+            ack_id,
+            payload,
+        } => {
+            buf.put_u8(MSG_EVENT);
+            put_varint(buf, ack_id.map_or(0, |a| a));
+            put_varint(buf, event.len() as u64);
+            buf.put_slice(event.as_bytes());
+            buf.put_slice(payload.bytes());
+        }
+        Msg::Reply { ack_id, payload } => {
+            buf.put_u8(MSG_REPLY);
+            put_varint(buf, *ack_id);
+            buf.put_slice(payload.bytes());
+        }
+        Msg::ReplyError {
+            ack_id,
+            code,
+            message,
+        } => {
+            buf.put_u8(MSG_REPLY_ERROR);
+            put_varint(buf, *ack_id);
+            put_str8(buf, code, "code")?;
+            buf.put_slice(message.as_bytes());
+        }
+        Msg::Continuation { data } => {
+            buf.put_u8(MSG_CONTINUATION);
+            buf.put_slice(data);
+        }
+    }
+    Ok(())
+}
+
+fn decode_msg(r: &mut Reader<'_>, frame: &Bytes, flags: u8) -> Result<Msg, CodecError> {
+    let kind = r.u8()?;
+    let payload = |pos: usize| {
+        let b = frame.slice(pos..);
+        if flags & FLAG_BINARY != 0 {
+            WirePayload::Binary(b)
+        } else {
+            WirePayload::Json(b)
+        }
+    };
+    Ok(match kind {
+        MSG_EVENT => {
+            let ack = r.varint()?;
+            let event = r.str_var("event")?.to_owned();
+            Msg::Event {
+                event,
+                ack_id: (ack != 0).then_some(ack),
+                payload: payload(r.pos),
+            }
+        }
+        MSG_REPLY => {
+            let ack_id = r.varint()?;
+            Msg::Reply {
+                ack_id,
+                payload: payload(r.pos),
+            }
+        }
+        MSG_REPLY_ERROR => {
+            let ack_id = r.varint()?;
+            let code = r.str8("code")?.to_owned();
+            let rest = r.take(r.buf.len() - r.pos)?;
+            let message = std::str::from_utf8(rest)
+                .map_err(|_| CodecError::Utf8("message"))?
+                .to_owned();
+            Msg::ReplyError {
+                ack_id,
+                code,
+                message,
+            }
+        }
+        MSG_CONTINUATION => Msg::Continuation {
+            data: frame.slice(r.pos..),
+        },
+        k => return Err(CodecError::Kind(k)),
+    })
+}
+
+/// Routing view of a frame, read without decoding the body (what the server needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// Target peer id.
+    pub to: &'a str,
+    /// Offset where the `from` field starts.
+    from_at: usize,
+    /// Offset where the body starts.
+    body_at: usize,
+}
+
+/// Reads a frame's target without decoding its body; checks version and kind.
+pub fn peek_route(frame: &[u8]) -> Result<Route<'_>, CodecError> {
+    let mut r = Reader { buf: frame, pos: 0 };
+    let version = r.u8()?;
+    if version != FRAME_VERSION {
+        return Err(CodecError::Version(version));
+    }
+    let kind = r.u8()?;
+    if !(KIND_DATA..=KIND_PING).contains(&kind) {
+        return Err(CodecError::Kind(kind));
+    }
+    r.u8()?;
+    let to = r.str8("to")?;
+    let from_at = r.pos;
+    r.str8("from")?;
+    let body_at = r.pos;
+    if body_at >= frame.len() {
+        return Err(CodecError::Truncated);
+    }
+    Ok(Route {
+        to,
+        from_at,
+        body_at,
+    })
+}
+
+/// Rewrites the `from` field of a frame (the server stamps the sender's identity).
+pub fn stamp_from(frame: &[u8], route: &Route<'_>, from: &str) -> Result<Bytes, CodecError> {
+    let mut buf = BytesMut::with_capacity(frame.len() + from.len());
+    buf.put_slice(&frame[..route.from_at]);
+    put_str8(&mut buf, from, "from")?;
+    buf.put_slice(&frame[route.body_at..]);
+    Ok(buf.freeze())
+}
+
+/// Escape byte of the relay encoding.
+const ESC: u8 = 0x1d;
+/// Engine.IO's record separator, which rust_socketio 0.6 splits binary websocket messages on.
+const RS: u8 = 0x1e;
+
+/// Encodes a frame for the Socket.IO relay: `0x1d` becomes `0x1d 0x01` and `0x1e` becomes
+/// `0x1d 0x02`.
+///
+/// rust_socketio 0.6 (rust_engineio) runs every incoming websocket message, binary ones
+/// included, through its polling-payload parser, which splits on the record separator
+/// `0x1e`: a binary event containing that byte arrives truncated and the rest breaks the
+/// connection. Frames on the relay therefore never contain `0x1e`. Data channels carry
+/// frames unescaped. Frames without either byte (most small ones) are returned as they are.
+pub fn relay_escape(frame: &Bytes) -> Bytes {
+    let n = frame.iter().filter(|b| **b == ESC || **b == RS).count();
+    if n == 0 {
+        return frame.clone();
+    }
+    let mut out = BytesMut::with_capacity(frame.len() + n);
+    for &b in frame.iter() {
+        match b {
+            ESC => out.put_slice(&[ESC, 0x01]),
+            RS => out.put_slice(&[ESC, 0x02]),
+            b => out.put_u8(b),
+        }
+    }
+    out.freeze()
+}
+
+/// Decodes [`relay_escape`].
+pub fn relay_unescape(data: &Bytes) -> Result<Bytes, CodecError> {
+    if !data.contains(&ESC) {
+        if data.contains(&RS) {
+            return Err(CodecError::Escape);
+        }
+        return Ok(data.clone());
+    }
+    let mut out = BytesMut::with_capacity(data.len());
+    let mut it = data.iter();
+    while let Some(&b) = it.next() {
+        match b {
+            ESC => match it.next() {
+                Some(0x01) => out.put_u8(ESC),
+                Some(0x02) => out.put_u8(RS),
+                _ => return Err(CodecError::Escape),
+            },
+            RS => return Err(CodecError::Escape),
+            b => out.put_u8(b),
+        }
+    }
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_payload() -> impl Strategy<Value = WirePayload> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|v| WirePayload::Binary(Bytes::from(v))),
+            ".{0,40}".prop_map(|s| WirePayload::Json(Bytes::from(s))),
+        ]
+    }
+
+    fn arb_msg() -> impl Strategy<Value = Msg> {
+        prop_oneof![
+            (".{0,20}", proptest::option::of(1u64..), arb_payload()).prop_map(
+                |(event, ack_id, payload)| Msg::Event {
+                    event,
+                    ack_id,
+                    payload
+                }
+            ),
+            (any::<u64>(), arb_payload())
+                .prop_map(|(ack_id, payload)| Msg::Reply { ack_id, payload }),
+            (any::<u64>(), "[A-Za-z]{0,20}", ".{0,40}").prop_map(|(ack_id, code, message)| {
+                Msg::ReplyError {
+                    ack_id,
+                    code,
+                    message,
+                }
+            }),
+            proptest::collection::vec(any::<u8>(), 0..64).prop_map(|v| Msg::Continuation {
+                data: Bytes::from(v)
+            }),
+        ]
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Frame> {
+        let body = prop_oneof![
+            (any::<u64>(), any::<bool>(), arb_msg())
+                .prop_map(|(seq, more, msg)| Body::Data { seq, more, msg }),
+            arb_msg().prop_map(|msg| Body::Volatile { msg }),
+            (any::<u64>(), any::<bool>()).prop_map(|(upto, nack)| Body::LinkAck { upto, nack }),
+            (any::<u64>(), any::<bool>()).prop_map(|(nonce, pong)| Body::Ping { nonce, pong }),
+        ];
+        ("[a-zA-Z0-9_-]{0,30}", "[a-zA-Z0-9_-]{0,30}", body)
+            .prop_map(|(to, from, body)| Frame { to, from, body })
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(frame in arb_frame()) {
+            let bytes = frame.encode().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let back = Frame::decode(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(back, frame.clone());
+            let route = peek_route(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(route.to, frame.to.as_str());
+            let stamped = stamp_from(&bytes, &route, "server-set").map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let back = Frame::decode(&stamped).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(back.from.as_str(), "server-set");
+            prop_assert_eq!(back.body, frame.body);
+        }
+
+        #[test]
+        fn relay_escape_roundtrip(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let b = Bytes::from(data);
+            let e = relay_escape(&b);
+            prop_assert!(!e.contains(&0x1e));
+            prop_assert_eq!(relay_unescape(&e).map_err(|e| TestCaseError::fail(e.to_string()))?, b);
+        }
+
+        #[test]
+        fn never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let b = Bytes::from(data);
+            let _ = relay_unescape(&b);
+            let _ = Frame::decode(&b);
+            if let Ok(route) = peek_route(&b) {
+                let _ = stamp_from(&b, &route, "x");
+            }
+        }
+
+        #[test]
+        fn never_panics_on_mutated_frames(frame in arb_frame(), idx in any::<usize>(), byte in any::<u8>()) {
+            let bytes = frame.encode().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let mut v = bytes.to_vec();
+            let i = idx % v.len();
+            v[i] = byte;
+            let _ = Frame::decode(&Bytes::from(v.clone()));
+            v.truncate(i);
+            let _ = Frame::decode(&Bytes::from(v));
+        }
+    }
+
+    #[test]
+    fn rejects_long_ids() {
+        let f = Frame {
+            to: "x".repeat(300),
+            from: String::new(),
+            body: Body::LinkAck {
+                upto: 1,
+                nack: false,
+            },
+        };
+        assert_eq!(f.encode(), Err(CodecError::TooLong("to")));
+    }
+
+    #[test]
+    fn rejects_bad_version_and_kind() {
+        assert_eq!(
+            Frame::decode(&Bytes::from_static(&[9, 1, 0, 0, 0])),
+            Err(CodecError::Version(9))
+        );
+        assert_eq!(
+            Frame::decode(&Bytes::from_static(&[1, 7, 0, 0, 0])),
+            Err(CodecError::Kind(7))
+        );
+        assert_eq!(
+            Frame::decode(&Bytes::from_static(&[1, 1])),
+            Err(CodecError::Truncated)
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! JSON control messages: registration, rooms, pairing, signaling, presence and errors.
+use serde::{Deserialize, Serialize};
+
+/// Socket.IO event names used by the protocol. Application events never appear here:
+/// they travel inside [`crate::protocol::Frame`]s on [`events::FRAME`].
+pub mod events {
+    /// Client → server request ([`super::Request`]); server → client reply is [`RESPONSE`].
+    pub const REQUEST: &str = "p2p:req";
+    /// Server → client reply ([`super::Response`]).
+    pub const RESPONSE: &str = "p2p:res";
+    /// Binary envelope frame, both directions.
+    pub const FRAME: &str = "p2p:f";
+    /// Server → client WebRTC signal from another peer ([`super::SignalFrom`]).
+    pub const SIGNAL: &str = "p2p:sig";
+    /// Server → client presence change ([`super::Presence`]).
+    pub const PRESENCE: &str = "p2p:presence";
+    /// Server → client error not tied to a request ([`super::ErrorMsg`]).
+    pub const ERROR: &str = "p2p:error";
+}
+
+/// Protocol version spoken by this crate (sent in `hello`).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Identity of a peer as others see it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Server-assigned id (the Socket.IO socket id).
+    pub id: String,
+    /// The uid the peer claimed, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// A client request: `p2p:req` with `{"rid": n, "op": "...", ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Request id chosen by the client, echoed in the response.
+    pub rid: u64,
+    /// The operation.
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// Operations a client can ask for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Register: must be the first request. Replies [`Welcome`].
+    Hello {
+        /// Protocol version of the client.
+        version: u32,
+        /// Claim a unique uid.
+        #[serde(default)]
+        uid: Option<String>,
+        /// Rooms to join right away.
+        #[serde(default)]
+        rooms: Vec<String>,
+    },
+    /// Join a room. Replies the room's other peers (`[PeerInfo]`).
+    Join {
+        /// Room name.
+        room: String,
+    },
+    /// Leave a room. Replies `null`.
+    Leave {
+        /// Room name.
+        room: String,
+    },
+    /// List the other peers of a room. Replies `[PeerInfo]`.
+    Peers {
+        /// Room name.
+        room: String,
+    },
+    /// Pair with the peer holding `peer_uid` (waits up to `timeout_ms` for it to register).
+    /// Replies the peer's [`PeerInfo`].
+    Pair {
+        /// The uid of the peer to pair with.
+        peer_uid: String,
+        /// How long the server waits for that peer to show up.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Relay a WebRTC signal to a peer that shares a room or a pair with the sender. Replies `null`.
+    Signal {
+        /// Target peer id.
+        to: String,
+        /// The signal.
+        signal: Signal,
+    },
+}
+
+/// A WebRTC negotiation message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Signal {
+    /// SDP offer.
+    Offer {
+        /// Session description.
+        sdp: String,
+    },
+    /// SDP answer.
+    Answer {
+        /// Session description.
+        sdp: String,
+    },
+    /// Trickled ICE candidate (RTCIceCandidateInit); `null` candidate = end of candidates.
+    Candidate {
+        /// The candidate line, as in RTCIceCandidateInit.candidate.
+        candidate: String,
+        /// Media id.
+        #[serde(default, rename = "sdpMid")]
+        sdp_mid: Option<String>,
+        /// Media line index.
+        #[serde(default, rename = "sdpMLineIndex")]
+        sdp_m_line_index: Option<u16>,
+        /// ICE username fragment.
+        #[serde(default, rename = "usernameFragment")]
+        username_fragment: Option<String>,
+    },
+    /// Ask the other side to send an offer (used by the side that must not offer first).
+    Request,
+    /// Tear down the WebRTC connection (the peer stays reachable over the relay).
+    Bye {
+        /// Why.
+        #[serde(default)]
+        reason: Option<String>,
+    },
+}
+
+/// Longest SDP accepted by the server.
+pub const MAX_SDP_LEN: usize = 64 * 1024;
+/// Longest candidate line accepted by the server.
+pub const MAX_CANDIDATE_LEN: usize = 1024;
+
+impl Signal {
+    /// Checks the shape of a signal (the server runs this before relaying).
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Signal::Offer { sdp } | Signal::Answer { sdp } => {
+                if sdp.len() > MAX_SDP_LEN {
+                    return Err(format!("sdp longer than {MAX_SDP_LEN} bytes"));
+                }
+                if !sdp.starts_with("v=0") {
+                    return Err("sdp must start with \"v=0\"".into());
+                }
+                if !sdp.contains("\nm=") {
+                    return Err("sdp has no media section".into());
+                }
+                Ok(())
+            }
+            Signal::Candidate { candidate, .. } => {
+                if candidate.len() > MAX_CANDIDATE_LEN {
+                    return Err("candidate too long".into());
+                }
+                if !(candidate.is_empty()
+                    || candidate.starts_with("candidate:")
+                    || candidate.starts_with("a=candidate:"))
+                {
+                    return Err("candidate must start with \"candidate:\"".into());
+                }
+                Ok(())
+            }
+            Signal::Request | Signal::Bye { .. } => Ok(()),
+        }
+    }
+}
+
+/// Server → client `p2p:sig`: a signal from another peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalFrom {
+    /// Sender id (set by the server).
+    pub from: String,
+    /// The signal.
+    pub signal: Signal,
+}
+
+/// Reply to `hello`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// This peer's server-assigned id.
+    pub id: String,
+    /// The uid it holds, if any.
+    #[serde(default)]
+    pub uid: Option<String>,
+    /// The other peers of each room joined.
+    #[serde(default)]
+    pub rooms: Vec<RoomPeers>,
+    /// Largest frame the server relays, in bytes.
+    pub max_frame: usize,
+}
+
+/// The peers of one room.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomPeers {
+    /// Room name.
+    pub room: String,
+    /// Peers in it, without the receiver.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// Server → client `p2p:res`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The request id answered.
+    pub rid: u64,
+    /// Result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<serde_json::Value>,
+    /// Error on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// Presence change, server → client `p2p:presence`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Presence {
+    /// A peer joined a room the receiver is in.
+    Joined {
+        /// Room.
+        room: String,
+        /// Who.
+        peer: PeerInfo,
+    },
+    /// A peer left a room the receiver is in (it may still be connected).
+    Left {
+        /// Room.
+        room: String,
+        /// Who.
+        peer: PeerInfo,
+    },
+    /// The receiver was paired with `peer` (both sides get this).
+    Paired {
+        /// Who.
+        peer: PeerInfo,
+    },
+    /// A peer sharing a room or a pair with the receiver disconnected from the server.
+    Disconnected {
+        /// Who.
+        peer: PeerInfo,
+    },
+}
+
+/// Typed error codes. Serialized as their name, e.g. `"UidTaken"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The message did not have the expected shape or types.
+    BadRequest,
+    /// `hello` was not sent first.
+    NotRegistered,
+    /// `hello` was sent twice.
+    AlreadyRegistered,
+    /// The uid is held by another connected peer.
+    UidTaken,
+    /// The target peer is not connected, or shares no room or pair with the sender.
+    UnknownPeer,
+    /// The peer did not show up in time (pairing).
+    PeerOffline,
+    /// The sender is not in that room.
+    UnknownRoom,
+    /// Larger than the server accepts.
+    PayloadTooLarge,
+    /// The target's buffer is full: the frame was dropped, send it again later.
+    Busy,
+    /// Too many requests per second.
+    RateLimited,
+    /// Refused by the server's auth hook.
+    Unauthorized,
+    /// The Socket.IO event is not part of the protocol.
+    UnknownEvent,
+    /// A WebRTC signal failed validation.
+    BadSignal,
+    /// The protocol versions do not match.
+    Unsupported,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// An error as carried on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable text.
+    pub message: String,
+}
+
+/// Server → client `p2p:error`: an error not tied to a request (bad frame, unknown event, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// What went wrong.
+    #[serde(flatten)]
+    pub error: ErrorBody,
+    /// The Socket.IO event that caused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    /// For frames: their target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// For data frames: their sequence number (so the sender can resend from there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json_shape() {
+        let r = Request {
+            rid: 3,
+            op: Op::Join { room: "lobby".into() },
+        };
+        let v = serde_json::to_value(&r).unwrap_or_default();
+        assert_eq!(v, serde_json::json!({"rid": 3, "op": "join", "room": "lobby"}));
+        let sig: Request = serde_json::from_value(serde_json::json!({
+            "rid": 1, "op": "signal", "to": "abc",
+            "signal": {"type": "candidate", "candidate": "candidate:1 1 udp 1 127.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}
+        }))
+        .map_err(|e| e.to_string())
+        .unwrap_or(Request { rid: 0, op: Op::Leave { room: String::new() } });
+        assert_eq!(sig.rid, 1);
+        assert!(matches!(sig.op, Op::Signal { .. }));
+    }
+
+    #[test]
+    fn validates_signals() {
+        assert!(Signal::Offer { sdp: "garbage".into() }.validate().is_err());
+        assert!(Signal::Offer { sdp: "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n".into() }.validate().is_ok());
+        assert!(Signal::Candidate { candidate: "hello".into(), sdp_mid: None, sdp_m_line_index: None, username_fragment: None }.validate().is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! The wire protocol shared by the server and the peers. Compiles without socketioxide.
+//!
+//! Control messages are JSON on the `p2p:*` Socket.IO events ([`events`]); application
+//! events travel inside binary [`Frame`]s on [`events::FRAME`], the same frames a data
+//! channel carries. See `PROTOCOL.md` at the repository root for the full description.
+mod codec;
+mod control;
+
+pub use codec::{
+    Body, CodecError, FRAME_VERSION, Frame, MAX_ID_LEN, Msg, Route, WirePayload, peek_route,
+    relay_escape, relay_unescape, stamp_from,
+};
+pub use control::{
+    ErrorBody, ErrorCode, ErrorMsg, MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION,
+    PeerInfo, Presence, Request, Response, RoomPeers, Signal, SignalFrom, Welcome, events,
+};

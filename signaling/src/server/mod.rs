@@ -1,0 +1,684 @@
+//! `P2pSignaling`: the socketioxide middleware.
+mod state;
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value as Json;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use socketioxide_core::adapter::DefinedAdapter;
+use socketioxide::extract::{Event, SocketRef, TryData};
+use socketioxide::handler::{ConnectHandler, FromMessageParts};
+use socketioxide::socket::Socket;
+use socketioxide_core::Value;
+
+use crate::protocol::{
+    Body, ErrorBody, ErrorCode, ErrorMsg, Frame, Op, PROTOCOL_VERSION, PeerInfo, Presence,
+    Request, Response, RoomPeers, SignalFrom, Welcome, events, peek_route, relay_escape,
+    relay_unescape, stamp_from,
+};
+use state::{Conn, EmitFail, LocalUidRegistry, PeerSocket, PendingPair, State, TokenBucket, UidRegistry};
+
+/// Decides whether a connection may join, from its Socket.IO connect `auth` payload
+/// (`null` when none was sent). `Err(reason)` refuses it: the client gets a Socket.IO
+/// `connect_error` whose message is `reason`.
+pub type AuthHook = Arc<dyn Fn(&Json) -> Result<(), String> + Send + Sync>;
+/// Called with a peer's identity when it registers or disconnects.
+pub type PeerHook = Arc<dyn Fn(&PeerInfo) + Send + Sync>;
+
+/// Options of [`P2pSignaling`]. Every field has a default that works.
+#[derive(Clone)]
+pub struct SignalingOptions {
+    max_frame: usize,
+    max_pair_timeout: Duration,
+    default_pair_timeout: Duration,
+    request_rate: u32,
+    request_burst: u32,
+    max_rooms_per_peer: usize,
+    max_name_len: usize,
+    auth: Option<AuthHook>,
+    on_peer_joined: Option<PeerHook>,
+    on_peer_left: Option<PeerHook>,
+}
+
+impl Default for SignalingOptions {
+    fn default() -> Self {
+        Self {
+            max_frame: 256 * 1024,
+            max_pair_timeout: Duration::from_secs(60),
+            default_pair_timeout: Duration::from_secs(10),
+            request_rate: 500,
+            request_burst: 1000,
+            max_rooms_per_peer: 64,
+            max_name_len: 128,
+            auth: None,
+            on_peer_joined: None,
+            on_peer_left: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for SignalingOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalingOptions")
+            .field("max_frame", &self.max_frame)
+            .field("max_pair_timeout", &self.max_pair_timeout)
+            .field("request_rate", &self.request_rate)
+            .field("request_burst", &self.request_burst)
+            .field("auth", &self.auth.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SignalingOptions {
+    /// Largest relayed frame in bytes (default 256 KiB). Larger frames get `PayloadTooLarge`.
+    /// Peers split bigger messages into frames well below this.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+    /// Longest a pairing request may wait for its peer (default 60 s; the default wait is 10 s).
+    pub fn max_pair_timeout(mut self, d: Duration) -> Self {
+        self.max_pair_timeout = d;
+        self
+    }
+    /// Control requests allowed per socket: `rate` per second, bursts of `burst`
+    /// (default 500/s, 1000). Beyond that, requests get `RateLimited`.
+    pub fn request_rate(mut self, rate: u32, burst: u32) -> Self {
+        self.request_rate = rate;
+        self.request_burst = burst.max(1);
+        self
+    }
+    /// Most rooms one peer may be in (default 64).
+    pub fn max_rooms_per_peer(mut self, n: usize) -> Self {
+        self.max_rooms_per_peer = n;
+        self
+    }
+    /// Accept or refuse connections from their connect `auth` payload.
+    pub fn auth(mut self, hook: impl Fn(&Json) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        self.auth = Some(Arc::new(hook));
+        self
+    }
+    /// Called when a peer registers.
+    pub fn on_peer_joined(mut self, hook: impl Fn(&PeerInfo) + Send + Sync + 'static) -> Self {
+        self.on_peer_joined = Some(Arc::new(hook));
+        self
+    }
+    /// Called when a registered peer disconnects.
+    pub fn on_peer_left(mut self, hook: impl Fn(&PeerInfo) + Send + Sync + 'static) -> Self {
+        self.on_peer_left = Some(Arc::new(hook));
+        self
+    }
+}
+
+struct Inner {
+    opts: SignalingOptions,
+    state: Mutex<State>,
+    uids: Box<dyn UidRegistry>,
+}
+
+/// The signaling and relay middleware. Cheap to clone; every clone is the same server.
+///
+/// Attach it to a namespace with [`P2pSignaling::attach`] (or [`P2pSignaling::attach_to`]),
+/// or call [`P2pSignaling::register`] from a connect handler of your own.
+#[derive(Clone)]
+pub struct P2pSignaling {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for P2pSignaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("P2pSignaling").field("opts", &self.inner.opts).finish_non_exhaustive()
+    }
+}
+
+/// Outgoing messages collected under the lock and sent after it.
+#[derive(Default)]
+struct Outbox {
+    msgs: Vec<(Arc<dyn PeerSocket>, &'static str, Json)>,
+}
+
+impl Outbox {
+    fn push(&mut self, to: &Arc<dyn PeerSocket>, event: &'static str, data: Json) {
+        self.msgs.push((to.clone(), event, data));
+    }
+    fn flush(self) {
+        for (socket, event, data) in self.msgs {
+            if let Err(e) = socket.emit_json(event, &data) {
+                tracing::debug!(?e, event, "could not deliver control message");
+            }
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Json {
+    serde_json::to_value(v).unwrap_or(Json::Null)
+}
+
+fn error_response(rid: u64, code: ErrorCode, message: impl Into<String>) -> Json {
+    to_json(&Response {
+        rid,
+        ok: None,
+        error: Some(ErrorBody {
+            code,
+            message: message.into(),
+        }),
+    })
+}
+
+fn error_event(code: ErrorCode, message: impl Into<String>, event: &str) -> ErrorMsg {
+    ErrorMsg {
+        error: ErrorBody {
+            code,
+            message: message.into(),
+        },
+        event: Some(event.to_owned()),
+        to: None,
+        seq: None,
+    }
+}
+
+#[derive(Debug)]
+struct AuthRejected(String);
+impl std::fmt::Display for AuthRejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for AuthRejected {}
+
+impl<A: Adapter> PeerSocket for SocketRef<A> {
+    fn emit_bin(&self, event: &'static str, data: Bytes) -> Result<(), EmitFail> {
+        self.emit(event, &data).map_err(map_send_error)
+    }
+    fn emit_json(&self, event: &'static str, data: &Json) -> Result<(), EmitFail> {
+        self.emit(event, data).map_err(map_send_error)
+    }
+}
+
+fn map_send_error(e: socketioxide::SendError) -> EmitFail {
+    match e {
+        socketioxide::SendError::Socket(socketioxide::SocketError::InternalChannelFull) => {
+            EmitFail::Full
+        }
+        _ => EmitFail::Closed,
+    }
+}
+
+impl P2pSignaling {
+    /// A new signaling server with these options.
+    pub fn new(opts: SignalingOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                opts,
+                state: Mutex::new(State::default()),
+                uids: Box::new(LocalUidRegistry::default()),
+            }),
+        }
+    }
+
+    /// Serves peers on the root namespace `/`. Returns what socketioxide's `ns` returns:
+    /// `()` for the default in-memory adapter, a future to await for remote adapters.
+    pub fn attach<A: Adapter + DefinedAdapter>(&self, io: &SocketIo<A>) -> A::InitRes {
+        self.attach_to(io, "/")
+    }
+
+    /// Serves peers on namespace `path` (runs the auth hook, if any, at connect).
+    pub fn attach_to<A: Adapter + DefinedAdapter>(&self, io: &SocketIo<A>, path: &str) -> A::InitRes {
+        // Registration runs in a connect middleware: middlewares finish before socketioxide
+        // sends the CONNECT packet, so the protocol handlers exist before the client can send
+        // anything (the connect handler itself runs in a task of its own, too late for that).
+        let this = self.clone();
+        let handler = async |_: SocketRef<A>| {};
+        let middleware = async move |s: SocketRef<A>, TryData(data): TryData<Json>| -> Result<(), AuthRejected> {
+            if let Some(hook) = &this.inner.opts.auth {
+                let auth = data.unwrap_or(Json::Null);
+                hook(&auth).map_err(AuthRejected)?;
+            }
+            this.register(&s);
+            Ok(())
+        };
+        io.ns(path.to_owned(), handler.with(middleware))
+    }
+
+    /// Serves one socket, when you do not use [`P2pSignaling::attach`]. Call it from a
+    /// connect *middleware* (`handler.with(middleware)`), not from the connect handler:
+    /// socketioxide runs connect handlers in a task of their own, after the client may already
+    /// have sent its first request. The protocol takes the `p2p:*` events and the fallback
+    /// handler of this socket.
+    pub fn register<A: Adapter>(&self, socket: &SocketRef<A>) {
+        let s: &Socket<A> = socket;
+        s.extensions.insert(self.clone());
+        let conn = Conn {
+            socket: arc_of(socket),
+            info: None,
+            rooms: HashSet::new(),
+            pairs: HashSet::new(),
+            bucket: TokenBucket::new(self.inner.opts.request_burst),
+        };
+        self.lock().conns.insert(socket.id.to_string(), conn);
+        socket.on(events::REQUEST, async |_: RequestDone| {});
+        socket.on(events::FRAME, async |_: FrameDone| {});
+        socket.on_fallback(async |s: SocketRef<A>, Event(event): Event| {
+            let msg = error_event(ErrorCode::UnknownEvent, format!("unknown event {event:?}"), &event);
+            let _ = s.emit(events::ERROR, &to_json(&msg));
+        });
+        let this = self.clone();
+        socket.on_disconnect(async move |s: SocketRef<A>| this.disconnected(&s.id.to_string()));
+    }
+
+    /// Registered peers, sorted by id.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let st = self.lock();
+        let mut v: Vec<PeerInfo> = st.conns.values().filter_map(|c| c.info.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Registered peers of a room, sorted by id.
+    pub fn room_peers(&self, room: &str) -> Vec<PeerInfo> {
+        self.lock().room_peers(room, "")
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn disconnected(&self, id: &str) {
+        let mut out = Outbox::default();
+        let info = {
+            let mut st = self.lock();
+            let neighbours = st.neighbours(id);
+            let Some(conn) = st.conns.remove(id) else {
+                return;
+            };
+            for room in &conn.rooms {
+                if let Some(members) = st.rooms.get_mut(room) {
+                    members.remove(id);
+                    if members.is_empty() {
+                        st.rooms.remove(room);
+                    }
+                }
+            }
+            for p in &conn.pairs {
+                if let Some(c) = st.conns.get_mut(p) {
+                    c.pairs.remove(id);
+                }
+            }
+            for waiting in st.pending_pairs.values_mut() {
+                waiting.retain(|w| w.requester != id);
+            }
+            st.pending_pairs.retain(|_, w| !w.is_empty());
+            if let Some(info) = &conn.info {
+                if let Some(uid) = &info.uid {
+                    self.inner.uids.release(uid, id);
+                }
+                let msg = to_json(&Presence::Disconnected { peer: info.clone() });
+                for n in neighbours {
+                    if let Some(sock) = st.socket(&n) {
+                        out.push(&sock, events::PRESENCE, msg.clone());
+                    }
+                }
+            }
+            conn.info
+        };
+        out.flush();
+        if let (Some(info), Some(hook)) = (info, &self.inner.opts.on_peer_left) {
+            hook(&info);
+        }
+    }
+
+    fn handle_request(&self, id: &str, raw: Result<Json, String>) {
+        let mut out = Outbox::default();
+        let mut joined = None;
+        {
+            let mut st = self.lock();
+            let Some(conn) = st.conns.get_mut(id) else {
+                return;
+            };
+            let me = conn.socket.clone();
+            let opts = &self.inner.opts;
+            let rid = raw
+                .as_ref()
+                .ok()
+                .and_then(|v| v.get("rid"))
+                .and_then(Json::as_u64)
+                .unwrap_or(0);
+            if !conn.bucket.take(opts.request_rate, opts.request_burst) {
+                out.push(&me, events::RESPONSE, error_response(rid, ErrorCode::RateLimited, "too many requests"));
+            } else {
+                let req = raw.and_then(|v| serde_json::from_value::<Request>(v).map_err(|e| e.to_string()));
+                match req {
+                    Err(e) => out.push(&me, events::RESPONSE, error_response(rid, ErrorCode::BadRequest, e)),
+                    Ok(req) => {
+                        let reply = self.apply(&mut st, id, &me, req.rid, req.op, &mut out, &mut joined);
+                        if let Some(reply) = reply {
+                            let resp = match reply {
+                                Ok(ok) => to_json(&Response { rid: req.rid, ok: Some(ok), error: None }),
+                                Err((code, msg)) => error_response(req.rid, code, msg),
+                            };
+                            out.push(&me, events::RESPONSE, resp);
+                        }
+                    }
+                }
+            }
+        }
+        out.flush();
+        if let (Some(info), Some(hook)) = (joined, &self.inner.opts.on_peer_joined) {
+            hook(&info);
+        }
+    }
+
+    fn check_name(&self, what: &str, name: &str) -> Result<(), (ErrorCode, String)> {
+        if name.is_empty() || name.len() > self.inner.opts.max_name_len {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("{what} must be 1 to {} bytes long", self.inner.opts.max_name_len),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies one request. `None` means the reply comes later (pairing that waits).
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        st: &mut State,
+        id: &str,
+        me: &Arc<dyn PeerSocket>,
+        rid: u64,
+        op: Op,
+        out: &mut Outbox,
+        joined: &mut Option<PeerInfo>,
+    ) -> Option<Result<Json, (ErrorCode, String)>> {
+        let registered = st.conns.get(id).and_then(|c| c.info.clone());
+        let my_info = match (&op, registered) {
+            (Op::Hello { .. }, Some(_)) => {
+                return Some(Err((ErrorCode::AlreadyRegistered, "hello was already sent".into())));
+            }
+            (Op::Hello { .. }, None) => PeerInfo { id: id.to_owned(), uid: None },
+            (_, None) => return Some(Err((ErrorCode::NotRegistered, "send hello first".into()))),
+            (_, Some(info)) => info,
+        };
+        Some(match op {
+            Op::Hello { version, uid, rooms } => {
+                if version != PROTOCOL_VERSION {
+                    return Some(Err((
+                        ErrorCode::Unsupported,
+                        format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"),
+                    )));
+                }
+                if let Some(uid) = &uid {
+                    if let Err(e) = self.check_name("uid", uid) {
+                        return Some(Err(e));
+                    }
+                }
+                for r in &rooms {
+                    if let Err(e) = self.check_name("room", r) {
+                        return Some(Err(e));
+                    }
+                }
+                if rooms.len() > self.inner.opts.max_rooms_per_peer {
+                    return Some(Err((ErrorCode::BadRequest, "too many rooms".into())));
+                }
+                if let Some(uid) = &uid {
+                    if let Err(code) = self.inner.uids.claim(uid, id) {
+                        return Some(Err((code, format!("uid {uid:?} is held by another peer"))));
+                    }
+                }
+                let info = PeerInfo { id: id.to_owned(), uid: uid.clone() };
+                if let Some(c) = st.conns.get_mut(id) {
+                    c.info = Some(info.clone());
+                }
+                let mut room_peers = Vec::new();
+                for room in rooms {
+                    let peers = self.join_room(st, id, &info, &room, out);
+                    room_peers.push(RoomPeers { room, peers });
+                }
+                *joined = Some(info.clone());
+                // The welcome goes out before any `paired` it triggers: the peer must know its
+                // own id before it meets anyone.
+                let welcome = Welcome { id: id.to_owned(), uid: uid.clone(), rooms: room_peers, max_frame: self.inner.opts.max_frame };
+                out.push(me, events::RESPONSE, to_json(&Response { rid, ok: Some(to_json(&welcome)), error: None }));
+                if let Some(uid) = &uid {
+                    if let Some(waiting) = st.pending_pairs.remove(uid) {
+                        for w in waiting {
+                            self.make_pair(st, &w.requester, w.rid, id, out);
+                        }
+                    }
+                }
+                return None;
+            }
+            Op::Join { room } => {
+                if let Err(e) = self.check_name("room", &room) {
+                    return Some(Err(e));
+                }
+                let n = st.conns.get(id).map_or(0, |c| c.rooms.len());
+                let already = st.conns.get(id).is_some_and(|c| c.rooms.contains(&room));
+                if !already && n >= self.inner.opts.max_rooms_per_peer {
+                    return Some(Err((ErrorCode::BadRequest, "too many rooms".into())));
+                }
+                Ok(to_json(&self.join_room(st, id, &my_info, &room, out)))
+            }
+            Op::Leave { room } => {
+                let was_in = st.conns.get_mut(id).is_some_and(|c| c.rooms.remove(&room));
+                if !was_in {
+                    return Some(Err((ErrorCode::UnknownRoom, format!("not in room {room:?}"))));
+                }
+                if let Some(members) = st.rooms.get_mut(&room) {
+                    members.remove(id);
+                    if members.is_empty() {
+                        st.rooms.remove(&room);
+                    }
+                }
+                let msg = to_json(&Presence::Left { room: room.clone(), peer: my_info.clone() });
+                for p in st.room_peers(&room, id) {
+                    if let Some(sock) = st.socket(&p.id) {
+                        out.push(&sock, events::PRESENCE, msg.clone());
+                    }
+                }
+                Ok(Json::Null)
+            }
+            Op::Peers { room } => {
+                if !st.conns.get(id).is_some_and(|c| c.rooms.contains(&room)) {
+                    return Some(Err((ErrorCode::UnknownRoom, format!("not in room {room:?}"))));
+                }
+                Ok(to_json(&st.room_peers(&room, id)))
+            }
+            Op::Pair { peer_uid, timeout_ms } => {
+                if let Err(e) = self.check_name("peer_uid", &peer_uid) {
+                    return Some(Err(e));
+                }
+                if my_info.uid.as_deref() == Some(peer_uid.as_str()) {
+                    return Some(Err((ErrorCode::BadRequest, "cannot pair with yourself".into())));
+                }
+                match self.inner.uids.holder(&peer_uid).filter(|h| st.conns.contains_key(h)) {
+                    Some(target) => {
+                        self.make_pair(st, id, rid, &target, out);
+                        return None;
+                    }
+                    None => {
+                        let wait = timeout_ms
+                            .map(Duration::from_millis)
+                            .unwrap_or(self.inner.opts.default_pair_timeout)
+                            .min(self.inner.opts.max_pair_timeout);
+                        st.next_token += 1;
+                        let token = st.next_token;
+                        st.pending_pairs.entry(peer_uid.clone()).or_default().push(PendingPair {
+                            requester: id.to_owned(),
+                            rid,
+                            token,
+                        });
+                        let this = self.clone();
+                        let me = me.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            let expired = {
+                                let mut st = this.lock();
+                                let mut found = false;
+                                if let Some(w) = st.pending_pairs.get_mut(&peer_uid) {
+                                    let before = w.len();
+                                    w.retain(|p| p.token != token);
+                                    found = w.len() != before;
+                                    if w.is_empty() {
+                                        st.pending_pairs.remove(&peer_uid);
+                                    }
+                                }
+                                found
+                            };
+                            if expired {
+                                let msg = error_response(rid, ErrorCode::PeerOffline, format!("no peer with uid {peer_uid:?} showed up in {wait:?}"));
+                                let _ = me.emit_json(events::RESPONSE, &msg);
+                            }
+                        });
+                        return None;
+                    }
+                }
+            }
+            Op::Signal { to, signal } => {
+                if let Err(e) = signal.validate() {
+                    return Some(Err((ErrorCode::BadSignal, e)));
+                }
+                if to == id || !st.share_scope(id, &to) {
+                    return Some(Err((ErrorCode::UnknownPeer, format!("no peer {to:?} in your rooms or pairs"))));
+                }
+                if let Some(sock) = st.socket(&to) {
+                    out.push(&sock, events::SIGNAL, to_json(&SignalFrom { from: id.to_owned(), signal }));
+                }
+                Ok(Json::Null)
+            }
+        })
+    }
+
+    fn join_room(&self, st: &mut State, id: &str, info: &PeerInfo, room: &str, out: &mut Outbox) -> Vec<PeerInfo> {
+        let newly = st.conns.get_mut(id).is_some_and(|c| c.rooms.insert(room.to_owned()));
+        st.rooms.entry(room.to_owned()).or_default().insert(id.to_owned());
+        let peers = st.room_peers(room, id);
+        if newly {
+            let msg = to_json(&Presence::Joined { room: room.to_owned(), peer: info.clone() });
+            for p in &peers {
+                if let Some(sock) = st.socket(&p.id) {
+                    out.push(&sock, events::PRESENCE, msg.clone());
+                }
+            }
+        }
+        peers
+    }
+
+    fn make_pair(&self, st: &mut State, a: &str, rid: u64, b: &str, out: &mut Outbox) {
+        let (Some(ia), Some(ib)) = (
+            st.conns.get(a).and_then(|c| c.info.clone()),
+            st.conns.get(b).and_then(|c| c.info.clone()),
+        ) else {
+            return;
+        };
+        if let Some(c) = st.conns.get_mut(a) {
+            c.pairs.insert(b.to_owned());
+        }
+        if let Some(c) = st.conns.get_mut(b) {
+            c.pairs.insert(a.to_owned());
+        }
+        if let Some(sa) = st.socket(a) {
+            out.push(&sa, events::RESPONSE, to_json(&Response { rid, ok: Some(to_json(&ib)), error: None }));
+            out.push(&sa, events::PRESENCE, to_json(&Presence::Paired { peer: ib }));
+        }
+        if let Some(sb) = st.socket(b) {
+            out.push(&sb, events::PRESENCE, to_json(&Presence::Paired { peer: ia }));
+        }
+    }
+
+    fn relay_frame(&self, me: &dyn PeerSocket, id: &str, data: Result<Bytes, String>) {
+        let frame = match data.map(|d| relay_unescape(&d).map_err(|e| e.to_string())) {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                let msg = error_event(ErrorCode::BadRequest, format!("bad frame: {e}"), events::FRAME);
+                let _ = me.emit_json(events::ERROR, &to_json(&msg));
+                return;
+            }
+            Err(e) => {
+                let msg = error_event(ErrorCode::BadRequest, format!("p2p:f takes one binary frame: {e}"), events::FRAME);
+                let _ = me.emit_json(events::ERROR, &to_json(&msg));
+                return;
+            }
+        };
+        let fail = |code: ErrorCode, message: String, to: Option<String>| {
+            let seq = match Frame::decode(&frame) {
+                Ok(Frame { body: Body::Data { seq, .. }, .. }) => Some(seq),
+                _ => None,
+            };
+            let msg = ErrorMsg { error: ErrorBody { code, message }, event: Some(events::FRAME.to_owned()), to, seq };
+            let _ = me.emit_json(events::ERROR, &to_json(&msg));
+        };
+        if frame.len() > self.inner.opts.max_frame {
+            let to = peek_route(&frame).ok().map(|r| r.to.to_owned());
+            return fail(ErrorCode::PayloadTooLarge, format!("frame of {} bytes, the server relays at most {}", frame.len(), self.inner.opts.max_frame), to);
+        }
+        let route = match peek_route(&frame) {
+            Ok(r) => r,
+            Err(e) => return fail(ErrorCode::BadRequest, format!("bad frame: {e}"), None),
+        };
+        let target = {
+            let st = self.lock();
+            if st.conns.get(id).is_none_or(|c| c.info.is_none()) {
+                drop(st);
+                return fail(ErrorCode::NotRegistered, "send hello first".into(), Some(route.to.to_owned()));
+            }
+            if route.to == id || !st.share_scope(id, route.to) {
+                None
+            } else {
+                st.socket(route.to)
+            }
+        };
+        let Some(target) = target else {
+            return fail(ErrorCode::UnknownPeer, format!("no peer {:?} in your rooms or pairs", route.to), Some(route.to.to_owned()));
+        };
+        let stamped = match stamp_from(&frame, &route, id) {
+            Ok(b) => relay_escape(&b),
+            Err(e) => return fail(ErrorCode::BadRequest, format!("bad frame: {e}"), None),
+        };
+        match target.emit_bin(events::FRAME, stamped) {
+            Ok(()) => {}
+            Err(EmitFail::Full) => fail(ErrorCode::Busy, "the target's buffer is full; resend later".into(), Some(route.to.to_owned())),
+            Err(EmitFail::Closed) => fail(ErrorCode::UnknownPeer, "the target is gone".into(), Some(route.to.to_owned())),
+        }
+    }
+}
+
+fn arc_of<A: Adapter>(s: &SocketRef<A>) -> Arc<dyn PeerSocket> {
+    Arc::new(s.clone())
+}
+
+fn signaling_of<A: Adapter>(s: &Arc<Socket<A>>) -> Option<P2pSignaling> {
+    s.extensions.get::<P2pSignaling>()
+}
+
+/// Extractor that handles a `p2p:req` synchronously, in the socket's receive order.
+struct RequestDone;
+impl<A: Adapter> FromMessageParts<A> for RequestDone {
+    type Error = Infallible;
+    fn from_message_parts(s: &Arc<Socket<A>>, v: &mut Value, ack: &Option<i64>) -> Result<Self, Infallible> {
+        if let Some(sig) = signaling_of(s) {
+            let TryData(data) = TryData::<Json>::from_message_parts(s, v, ack)?;
+            sig.handle_request(&s.id.to_string(), data.map_err(|e| e.to_string()));
+        }
+        Ok(RequestDone)
+    }
+}
+
+/// Extractor that relays a `p2p:f` frame synchronously, so frames keep their order.
+struct FrameDone;
+impl<A: Adapter> FromMessageParts<A> for FrameDone {
+    type Error = Infallible;
+    fn from_message_parts(s: &Arc<Socket<A>>, v: &mut Value, ack: &Option<i64>) -> Result<Self, Infallible> {
+        if let Some(sig) = signaling_of(s) {
+            let TryData(data) = TryData::<Bytes>::from_message_parts(s, v, ack)?;
+            let me = SocketRef::from_message_parts(s, v, ack)?;
+            sig.relay_frame(&me, &s.id.to_string(), data.map_err(|e| e.to_string()));
+        }
+        Ok(FrameDone)
+    }
+}

@@ -1,0 +1,172 @@
+//! Server-side state: registered peers, rooms, pairs, and the uid registry.
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::protocol::{ErrorCode, PeerInfo};
+
+/// Why an emit to a socket failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EmitFail {
+    /// The socket's outgoing buffer is full.
+    Full,
+    /// The socket is gone.
+    Closed,
+}
+
+/// What the state needs from a connected socket: lets the state stay independent of the
+/// socketioxide adapter type.
+pub(crate) trait PeerSocket: Send + Sync {
+    fn emit_bin(&self, event: &'static str, data: Bytes) -> Result<(), EmitFail>;
+    fn emit_json(&self, event: &'static str, data: &serde_json::Value) -> Result<(), EmitFail>;
+}
+
+/// The uid registry: who holds which uid. Behind a trait so that a multi-node server can keep it
+/// in a shared store.
+pub(crate) trait UidRegistry: Send + Sync {
+    /// Claims `uid` for `peer`; fails with `UidTaken` if another peer holds it.
+    fn claim(&self, uid: &str, peer: &str) -> Result<(), ErrorCode>;
+    /// Releases `uid` if `peer` holds it.
+    fn release(&self, uid: &str, peer: &str);
+    /// Who holds `uid`.
+    fn holder(&self, uid: &str) -> Option<String>;
+}
+
+/// In-process uid registry.
+#[derive(Default)]
+pub(crate) struct LocalUidRegistry {
+    map: std::sync::Mutex<HashMap<String, String>>,
+}
+
+impl UidRegistry for LocalUidRegistry {
+    fn claim(&self, uid: &str, peer: &str) -> Result<(), ErrorCode> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(uid) {
+            Some(holder) if holder != peer => Err(ErrorCode::UidTaken),
+            _ => {
+                map.insert(uid.to_owned(), peer.to_owned());
+                Ok(())
+            }
+        }
+    }
+    fn release(&self, uid: &str, peer: &str) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(uid).is_some_and(|h| h == peer) {
+            map.remove(uid);
+        }
+    }
+    fn holder(&self, uid: &str) -> Option<String> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(uid).cloned()
+    }
+}
+
+/// Token bucket used to limit control requests per socket.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub(crate) fn new(burst: u32) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+    pub(crate) fn take(&mut self, rate: u32, burst: u32) -> bool {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * f64::from(rate)).min(f64::from(burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A connected socket, registered or not.
+pub(crate) struct Conn {
+    pub(crate) socket: Arc<dyn PeerSocket>,
+    /// Set once `hello` succeeded.
+    pub(crate) info: Option<PeerInfo>,
+    pub(crate) rooms: HashSet<String>,
+    pub(crate) pairs: HashSet<String>,
+    pub(crate) bucket: TokenBucket,
+}
+
+/// A pairing request waiting for its peer to register.
+pub(crate) struct PendingPair {
+    pub(crate) requester: String,
+    pub(crate) rid: u64,
+    pub(crate) token: u64,
+}
+
+/// Everything the server knows, behind one mutex (critical sections are short and never await).
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) conns: HashMap<String, Conn>,
+    pub(crate) rooms: HashMap<String, HashSet<String>>,
+    /// uid awaited -> requests waiting for it.
+    pub(crate) pending_pairs: HashMap<String, Vec<PendingPair>>,
+    pub(crate) next_token: u64,
+}
+
+impl State {
+    /// True when `a` and `b` share a room or a pair.
+    pub(crate) fn share_scope(&self, a: &str, b: &str) -> bool {
+        let (Some(ca), Some(cb)) = (self.conns.get(a), self.conns.get(b)) else {
+            return false;
+        };
+        if ca.info.is_none() || cb.info.is_none() {
+            return false;
+        }
+        if ca.pairs.contains(b) {
+            return true;
+        }
+        let (small, big) = if ca.rooms.len() <= cb.rooms.len() {
+            (&ca.rooms, &cb.rooms)
+        } else {
+            (&cb.rooms, &ca.rooms)
+        };
+        small.iter().any(|r| big.contains(r))
+    }
+
+    /// Other registered peers of `room`, without `except`.
+    pub(crate) fn room_peers(&self, room: &str, except: &str) -> Vec<PeerInfo> {
+        let mut peers: Vec<PeerInfo> = self
+            .rooms
+            .get(room)
+            .into_iter()
+            .flatten()
+            .filter(|id| id.as_str() != except)
+            .filter_map(|id| self.conns.get(id).and_then(|c| c.info.clone()))
+            .collect();
+        peers.sort_by(|a, b| a.id.cmp(&b.id));
+        peers
+    }
+
+    /// Every peer sharing a scope with `id` (each once).
+    pub(crate) fn neighbours(&self, id: &str) -> HashSet<String> {
+        let mut out = HashSet::new();
+        if let Some(c) = self.conns.get(id) {
+            for room in &c.rooms {
+                if let Some(members) = self.rooms.get(room) {
+                    out.extend(members.iter().filter(|m| m.as_str() != id).cloned());
+                }
+            }
+            out.extend(c.pairs.iter().cloned());
+        }
+        out
+    }
+
+    pub(crate) fn socket(&self, id: &str) -> Option<Arc<dyn PeerSocket>> {
+        self.conns.get(id).map(|c| c.socket.clone())
+    }
+}

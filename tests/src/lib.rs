@@ -1,0 +1,179 @@
+//! Test harness: a real socketioxide server on 127.0.0.1:0, real rust_socketio clients.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use rust_socketio::asynchronous::{Client, ClientBuilder};
+use rust_socketio::{Event as SioEvent, Payload as SioPayload};
+use serde_json::Value;
+use socketio_p2p::{P2p, P2pOptions};
+use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};
+use socketioxide::SocketIo;
+use tokio::sync::mpsc;
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub signaling: P2pSignaling,
+    pub io: SocketIo,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+pub async fn spawn_server() -> Server {
+    spawn_server_with(SignalingOptions::default()).await
+}
+
+pub async fn spawn_server_with(opts: SignalingOptions) -> Server {
+    init_tracing();
+    let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
+    let signaling = P2pSignaling::new(opts);
+    signaling.attach(&io);
+    let app = axum::Router::new().layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Server { addr, signaling, io, task }
+}
+
+/// Options for a relay-only test peer (no WebRTC, loopback only anyway).
+pub fn relay_opts() -> P2pOptions {
+    P2pOptions::default().loopback_only().auto_upgrade(false)
+}
+
+/// Options for a WebRTC test peer: loopback candidates only, no STUN, no mDNS.
+pub fn rtc_opts() -> P2pOptions {
+    P2pOptions::default().loopback_only().auto_upgrade(false)
+}
+
+pub async fn peer(server: &Server, opts: P2pOptions) -> P2p {
+    tokio::time::timeout(Duration::from_secs(20), P2p::connect(&server.url(), opts))
+        .await
+        .expect("connect timed out")
+        .expect("connect failed")
+}
+
+/// Waits until `f` returns true, polling every 10 ms, at most `secs` seconds.
+pub async fn wait_until<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits for the peer to see `n` peers.
+pub async fn wait_peers(p: &P2p, n: usize) {
+    assert!(
+        wait_until(10, || async { p.peers().await.map(|v| v.len()).unwrap_or(0) == n }).await,
+        "peer {} never saw {n} peers",
+        p.id()
+    );
+}
+
+/// Receives with a timeout.
+pub async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, secs: u64) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), rx.recv())
+        .await
+        .expect("timed out waiting for a message")
+        .expect("channel closed")
+}
+
+/// A raw Socket.IO client speaking the protocol by hand (to send garbage).
+pub struct Raw {
+    pub client: Client,
+    pub rx: mpsc::UnboundedReceiver<(String, SioPayload)>,
+}
+
+impl Raw {
+    pub async fn connect(server: &Server) -> Raw {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut b = ClientBuilder::new(server.url()).reconnect(false);
+        for ev in ["p2p:res", "p2p:error", "p2p:f", "p2p:sig", "p2p:presence"] {
+            let tx = tx.clone();
+            b = b.on(ev, move |p, _| {
+                let _ = tx.send((ev.to_owned(), p));
+                async {}.boxed()
+            });
+        }
+        let t = tx.clone();
+        b = b.on(SioEvent::Connect, move |p, _| {
+            let _ = t.send(("connect".to_owned(), p));
+            async {}.boxed()
+        });
+        let client = b.connect().await.expect("raw connect");
+        let mut raw = Raw { client, rx };
+        raw.expect("connect").await;
+        raw
+    }
+
+    pub async fn emit(&self, event: &str, v: Value) {
+        self.client.emit(event, v).await.expect("emit");
+    }
+
+    pub async fn emit_bin(&self, event: &str, b: Vec<u8>) {
+        self.client.emit(event, SioPayload::Binary(b.into())).await.expect("emit");
+    }
+
+    /// Next message of this event name (others are skipped), as JSON (binary as bytes array).
+    pub async fn expect(&mut self, event: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (ev, p) = tokio::time::timeout(left, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {event}"))
+                .expect("raw closed");
+            if ev == event {
+                return match p {
+                    SioPayload::Text(mut v) if !v.is_empty() => v.swap_remove(0),
+                    SioPayload::Binary(b) => Value::from(b.to_vec()),
+                    _ => Value::Null,
+                };
+            }
+        }
+    }
+
+    /// Sends `hello` and returns the welcome.
+    pub async fn hello(&mut self, uid: Option<&str>, rooms: &[&str]) -> Value {
+        self.emit("p2p:req", serde_json::json!({"rid": 1, "op": "hello", "version": 1, "uid": uid, "rooms": rooms}))
+            .await;
+        let res = self.expect("p2p:res").await;
+        assert!(res.get("ok").is_some(), "hello failed: {res}");
+        res["ok"].clone()
+    }
+}
