@@ -1354,14 +1354,6 @@ mod tests {
         let _serial = SERIAL.lock().await;
         let metrics = tokio::runtime::Handle::current().metrics();
         let n: u32 = std::env::var("PROBE_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-        for i in 0..n {
-            let (a, b, mut rx) = pair(&cfg(true), &cfg(true)).await?;
-            connect(&a, &b, &mut rx).await?;
-            a.send(frame(b'a', i, 10)).await?;
-            eprintln!("open: {}", metrics.num_alive_tasks());
-            a.close().await;
-            b.close().await;
-        }
         let t = Instant::now();
         let socks = || {
             std::fs::read_dir("/proc/self/fd")
@@ -1376,6 +1368,18 @@ mod tests {
                 })
                 .unwrap_or(0)
         };
+        for i in 0..n {
+            let s0 = socks();
+            let (a, b, mut rx) = pair(&cfg(true), &cfg(true)).await?;
+            connect(&a, &b, &mut rx).await?;
+            a.send(frame(b'a', i, 10)).await?;
+            let st = format!("{} {} / {} {}", a.pc().ice_gathering_state(), a.pc().ice_connection_state(), b.pc().ice_gathering_state(), b.pc().ice_connection_state());
+            a.close().await;
+            b.close().await;
+            drop((a, b));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            eprintln!("cycle {i}: {st} sockets {s0} -> {} tasks {}", socks(), metrics.num_alive_tasks());
+        }
         let mut last = usize::MAX;
         for _ in 0..40 {
             let now = metrics.num_alive_tasks();
