@@ -1377,7 +1377,7 @@ mod tests {
             a.close().await;
             b.close().await;
             drop((a, b));
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             eprintln!("cycle {i}: {st} sockets {s0} -> {} tasks {}", socks(), metrics.num_alive_tasks());
         }
         let mut last = usize::MAX;
