@@ -202,11 +202,20 @@ impl Actor {
             block_all_candidates: opts.block_all_candidates,
         };
         let now = Instant::now();
-        let ready_deadline = now + opts.request_timeout + if opts.peer_uid.is_some() { opts.pair_timeout } else { Duration::ZERO };
+        let ready_deadline = now
+            + opts.request_timeout
+            + if opts.peer_uid.is_some() {
+                opts.pair_timeout
+            } else {
+                Duration::ZERO
+            };
         Self {
             rtc_cfg,
             client,
-            me: PeerInfo { id: String::new(), uid: None },
+            me: PeerInfo {
+                id: String::new(),
+                uid: None,
+            },
             registered: false,
             cmds: ch.cmds,
             replies_tx,
@@ -279,7 +288,8 @@ impl Actor {
             };
         self.reqs.insert(rid, PendingReq { kind, deadline });
         let json = serde_json::to_value(Request { rid, op }).unwrap_or(Json::Null);
-        self.emit_sio(events::REQUEST, SioPayload::Text(vec![json])).await;
+        self.emit_sio(events::REQUEST, SioPayload::Text(vec![json]))
+            .await;
     }
 
     fn ensure_peer(&mut self, info: &PeerInfo) -> bool {
@@ -321,7 +331,8 @@ impl Actor {
     async fn on_net(&mut self, n: NetIn) {
         match n {
             NetIn::Connected => {
-                if !self.registered && !self.reqs.values().any(|r| matches!(r.kind, ReqKind::Hello)) {
+                if !self.registered && !self.reqs.values().any(|r| matches!(r.kind, ReqKind::Hello))
+                {
                     let op = Op::Hello {
                         version: PROTOCOL_VERSION,
                         uid: self.opts.uid.clone(),
@@ -335,7 +346,9 @@ impl Actor {
                     let from = frame.from.clone();
                     self.on_frame(&from, frame.body, Transport::Relay).await;
                 }
-                Err(e) => tracing::warn!(%e, len = bytes.len(), head = ?&bytes[..bytes.len().min(48)], "undecodable frame from the server"),
+                Err(e) => {
+                    tracing::warn!(%e, len = bytes.len(), head = ?&bytes[..bytes.len().min(48)], "undecodable frame from the server")
+                }
             },
             NetIn::Response(v) => match serde_json::from_value::<Response>(v) {
                 Ok(r) => self.on_response(r).await,
@@ -359,8 +372,12 @@ impl Actor {
                         .split_once(':')
                         .map(|(_, r)| r.trim().to_owned())
                         .unwrap_or(msg.clone());
-                    self.finish_ready(Err(Error::Rejected { code: ErrorCode::Unauthorized, message: reason.clone() }));
-                    self.shutdown(&format!("connection refused: {reason}")).await;
+                    self.finish_ready(Err(Error::Rejected {
+                        code: ErrorCode::Unauthorized,
+                        message: reason.clone(),
+                    }));
+                    self.shutdown(&format!("connection refused: {reason}"))
+                        .await;
                 } else {
                     tracing::debug!(%msg, "socket.io error");
                 }
@@ -384,14 +401,18 @@ impl Actor {
             }
             ReqKind::Join(room, tx) => {
                 if let Ok(v) = &result {
-                    let peers: Vec<PeerInfo> = serde_json::from_value(v.clone()).unwrap_or_default();
+                    let peers: Vec<PeerInfo> =
+                        serde_json::from_value(v.clone()).unwrap_or_default();
                     for p in peers {
                         let new = self.ensure_peer(&p);
                         if let Some(peer) = self.peers.get_mut(&p.id) {
                             peer.rooms.insert(room.clone());
                         }
                         let id = p.id.clone();
-                        self.peer_event(PeerEvent::Joined { room: room.clone(), peer: p });
+                        self.peer_event(PeerEvent::Joined {
+                            room: room.clone(),
+                            peer: p,
+                        });
                         if new && self.opts.auto_upgrade {
                             self.start_upgrades(Some(id), None).await;
                         }
@@ -420,16 +441,21 @@ impl Actor {
                     tracing::debug!(%e, "signal refused by the server");
                 }
             }
-            ReqKind::Hello => match result.and_then(|v| serde_json::from_value::<Welcome>(v).map_err(|e| Error::Serde(e.to_string()))) {
+            ReqKind::Hello => match result.and_then(|v| {
+                serde_json::from_value::<Welcome>(v).map_err(|e| Error::Serde(e.to_string()))
+            }) {
                 Ok(w) => self.on_welcome(w).await,
                 Err(e) => self.finish_ready(Err(e)),
             },
-            ReqKind::Pair => match result.and_then(|v| serde_json::from_value::<PeerInfo>(v).map_err(|e| Error::Serde(e.to_string()))) {
+            ReqKind::Pair => match result.and_then(|v| {
+                serde_json::from_value::<PeerInfo>(v).map_err(|e| Error::Serde(e.to_string()))
+            }) {
                 Ok(info) => {
                     self.add_pair(&info).await;
                     let nonce = rand_nonce();
                     self.pair_echo = Some(nonce);
-                    self.send_now(&info.id, Body::Ping { nonce, pong: false }).await;
+                    self.send_now(&info.id, Body::Ping { nonce, pong: false })
+                        .await;
                 }
                 Err(e) => self.finish_ready(Err(e)),
             },
@@ -437,7 +463,10 @@ impl Actor {
     }
 
     async fn on_welcome(&mut self, w: Welcome) {
-        self.me = PeerInfo { id: w.id, uid: w.uid };
+        self.me = PeerInfo {
+            id: w.id,
+            uid: w.uid,
+        };
         self.registered = true;
         for room in w.rooms {
             for p in room.peers {
@@ -445,12 +474,18 @@ impl Actor {
                 if let Some(peer) = self.peers.get_mut(&p.id) {
                     peer.rooms.insert(room.room.clone());
                 }
-                self.peer_event(PeerEvent::Joined { room: room.room.clone(), peer: p });
+                self.peer_event(PeerEvent::Joined {
+                    room: room.room.clone(),
+                    peer: p,
+                });
             }
         }
         match self.opts.peer_uid.clone() {
             Some(peer_uid) => {
-                let op = Op::Pair { peer_uid, timeout_ms: Some(self.opts.pair_timeout.as_millis() as u64) };
+                let op = Op::Pair {
+                    peer_uid,
+                    timeout_ms: Some(self.opts.pair_timeout.as_millis() as u64),
+                };
                 self.request(op, ReqKind::Pair).await;
             }
             None => {
@@ -499,9 +534,13 @@ impl Actor {
                     }
                     None => false,
                 };
-                self.peer_event(PeerEvent::Left { room, peer: peer.clone() });
+                self.peer_event(PeerEvent::Left {
+                    room,
+                    peer: peer.clone(),
+                });
                 if gone {
-                    self.remove_peer(&peer.id, "the peer left every room we share").await;
+                    self.remove_peer(&peer.id, "the peer left every room we share")
+                        .await;
                 }
             }
             Presence::Paired { peer } => self.add_pair(&peer).await,
@@ -509,7 +548,9 @@ impl Actor {
                 self.remove_peer(&peer.id, "the peer disconnected").await;
                 self.peer_event(PeerEvent::Disconnected { peer: peer.clone() });
                 if self.pair_peer.as_deref() == Some(peer.id.as_str()) {
-                    self.finish_ready(Err(Error::PeerOffline("the peer disconnected during pairing".into())));
+                    self.finish_ready(Err(Error::PeerOffline(
+                        "the peer disconnected during pairing".into(),
+                    )));
                     self.shutdown("the paired peer disconnected").await;
                 }
             }
@@ -526,7 +567,9 @@ impl Actor {
                 }
             }
             (ErrorCode::Busy, _, _) => {}
-            _ => tracing::warn!(code = %e.error.code, message = %e.error.message, event = ?e.event, to = ?e.to, "error from the server"),
+            _ => {
+                tracing::warn!(code = %e.error.code, message = %e.error.message, event = ?e.event, to = ?e.to, "error from the server")
+            }
         }
     }
 
@@ -540,7 +583,12 @@ impl Actor {
         for w in peer.upgrade_waiters.drain(..) {
             let _ = w.send(Err(Error::PeerOffline(why.to_owned())));
         }
-        let failed: Vec<u64> = self.acks.iter().filter(|(_, a)| a.peer == id).map(|(k, _)| *k).collect();
+        let failed: Vec<u64> = self
+            .acks
+            .iter()
+            .filter(|(_, a)| a.peer == id)
+            .map(|(k, _)| *k)
+            .collect();
         for k in failed {
             if let Some(a) = self.acks.remove(&k) {
                 let _ = a.tx.send(Err(Error::PeerOffline(format!("{id}: {why}"))));
@@ -559,7 +607,10 @@ impl Actor {
                 return;
             }
             // The server only relays between peers that share a scope; presence may lag.
-            self.ensure_peer(&PeerInfo { id: from.to_owned(), uid: None });
+            self.ensure_peer(&PeerInfo {
+                id: from.to_owned(),
+                uid: None,
+            });
         }
         match body {
             Body::Data { seq, more, msg } => {
@@ -568,7 +619,9 @@ impl Actor {
                     // retransmits later (this is the receive side of flow control).
                     return;
                 }
-                let Some(peer) = self.peers.get_mut(from) else { return };
+                let Some(peer) = self.peers.get_mut(from) else {
+                    return;
+                };
                 let (delivered, ack) = peer.link.on_data(seq, more, msg, now);
                 if let Some((upto, nack)) = ack {
                     self.send_ack(from, upto, nack).await;
@@ -605,11 +658,22 @@ impl Actor {
     async fn deliver(&mut self, from: &str, d: Delivered, via: Transport) {
         let msg = match d {
             Delivered::Msg(m) => m,
-            Delivered::TooLarge { reply_to, failed_reply, size } => {
+            Delivered::TooLarge {
+                reply_to,
+                failed_reply,
+                size,
+            } => {
                 tracing::warn!(from, size, "dropped a message larger than max_message_size");
                 let max = self.opts.max_message_size;
                 if let Some(ack_id) = reply_to {
-                    self.push_msg(from, Msg::ReplyError { ack_id, code: "PayloadTooLarge".into(), message: format!("message larger than {max} bytes") });
+                    self.push_msg(
+                        from,
+                        Msg::ReplyError {
+                            ack_id,
+                            code: "PayloadTooLarge".into(),
+                            message: format!("message larger than {max} bytes"),
+                        },
+                    );
                 }
                 if let Some(a) = failed_reply.and_then(|id| self.acks.remove(&id)) {
                     let _ = a.tx.send(Err(Error::PayloadTooLarge { size, max }));
@@ -618,38 +682,64 @@ impl Actor {
             }
         };
         match msg {
-            Msg::Event { event, ack_id, payload } => {
+            Msg::Event {
+                event,
+                ack_id,
+                payload,
+            } => {
                 let payload = match Payload::from_wire(payload) {
                     Ok(p) => p,
                     Err(e) => {
                         if let Some(ack_id) = ack_id {
-                            self.push_msg(from, Msg::ReplyError { ack_id, code: "BadPayload".into(), message: e.to_string() });
+                            self.push_msg(
+                                from,
+                                Msg::ReplyError {
+                                    ack_id,
+                                    code: "BadPayload".into(),
+                                    message: e.to_string(),
+                                },
+                            );
                         }
                         return;
                     }
                 };
-                let Some(peer) = self.peers.get(from) else { return };
+                let Some(peer) = self.peers.get(from) else {
+                    return;
+                };
                 let responder = ack_id.map(|ack_id| {
-                    Arc::new(Responder { cmds: self.replies_tx.clone(), peer: from.to_owned(), ack_id, done: Default::default() })
+                    Arc::new(Responder {
+                        cmds: self.replies_tx.clone(),
+                        peer: from.to_owned(),
+                        ack_id,
+                        done: Default::default(),
+                    })
                 });
-                let ev = Event { name: Arc::from(event.as_str()), from: Arc::new(peer.info.clone()), payload, transport: via, responder };
+                let ev = Event {
+                    name: Arc::from(event.as_str()),
+                    from: Arc::new(peer.info.clone()),
+                    payload,
+                    transport: via,
+                    responder,
+                };
                 if let Err(e) = self.events.try_send(ev) {
                     tracing::warn!("event queue full, event dropped: {e}");
                 }
             }
             Msg::Reply { ack_id, payload } => {
-                if self.acks.get(&ack_id).is_some_and(|a| a.peer == from) {
-                    if let Some(a) = self.acks.remove(&ack_id) {
+                if self.acks.get(&ack_id).is_some_and(|a| a.peer == from)
+                    && let Some(a) = self.acks.remove(&ack_id) {
                         let _ = a.tx.send(Payload::from_wire(payload));
                     }
-                }
             }
-            Msg::ReplyError { ack_id, code, message } => {
-                if self.acks.get(&ack_id).is_some_and(|a| a.peer == from) {
-                    if let Some(a) = self.acks.remove(&ack_id) {
+            Msg::ReplyError {
+                ack_id,
+                code,
+                message,
+            } => {
+                if self.acks.get(&ack_id).is_some_and(|a| a.peer == from)
+                    && let Some(a) = self.acks.remove(&ack_id) {
                         let _ = a.tx.send(Err(Error::Remote { code, message }));
                     }
-                }
             }
             Msg::Continuation { .. } => {}
         }
@@ -671,11 +761,22 @@ impl Actor {
     /// Sends an unsequenced frame (ack, ping, volatile) on the peer's current transport.
     async fn send_now(&mut self, to: &str, body: Body) {
         let volatile = matches!(body, Body::Volatile { .. });
-        let frame = match (Frame { to: to.to_owned(), from: String::new(), body }).encode() {
+        let frame = match (Frame {
+            to: to.to_owned(),
+            from: String::new(),
+            body,
+        })
+        .encode()
+        {
             Ok(f) => f,
             Err(e) => return tracing::warn!(%e, "could not encode a frame"),
         };
-        let rtc = self.peers.get(to).and_then(|p| p.rtc.as_ref()).filter(|s| s.open).map(|s| s.link.clone());
+        let rtc = self
+            .peers
+            .get(to)
+            .and_then(|p| p.rtc.as_ref())
+            .filter(|s| s.open)
+            .map(|s| s.link.clone());
         if let Some(link) = rtc {
             if volatile {
                 // Best effort: the volatile channel may open a moment after the reliable one.
@@ -689,7 +790,8 @@ impl Actor {
                 }
             }
         }
-        self.emit_sio(events::FRAME, SioPayload::Binary(relay_escape(&frame))).await;
+        self.emit_sio(events::FRAME, SioPayload::Binary(relay_escape(&frame)))
+            .await;
     }
 
     /// Sends what the reliable links of dirty peers may send now.
@@ -701,7 +803,9 @@ impl Actor {
         let mut frames = Vec::new();
         for id in dirty {
             frames.clear();
-            let Some(peer) = self.peers.get_mut(&id) else { continue };
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
             peer.link.poll_transmit(&mut frames);
             let rtc = peer.rtc.as_ref().filter(|s| s.open).map(|s| s.link.clone());
             let mut relay_from = 0;
@@ -724,7 +828,8 @@ impl Actor {
                 }
             }
             for f in &frames[relay_from..] {
-                self.emit_sio(events::FRAME, SioPayload::Binary(relay_escape(f))).await;
+                self.emit_sio(events::FRAME, SioPayload::Binary(relay_escape(f)))
+                    .await;
             }
         }
     }
@@ -750,13 +855,25 @@ impl Actor {
 
     async fn on_cmd(&mut self, c: Cmd) {
         match c {
-            Cmd::Emit { target, event, payload, volatile, done } => {
+            Cmd::Emit {
+                target,
+                event,
+                payload,
+                volatile,
+                done,
+            } => {
                 let r = self.emit(target, event, payload, volatile, done).await;
                 if let Some((done, e)) = r {
                     let _ = done.send(Err(e));
                 }
             }
-            Cmd::EmitAck { peer, event, payload, timeout, reply } => {
+            Cmd::EmitAck {
+                peer,
+                event,
+                payload,
+                timeout,
+                reply,
+            } => {
                 if !self.peers.contains_key(&peer) {
                     let _ = reply.send(Err(Error::PeerOffline(peer)));
                     return;
@@ -770,14 +887,40 @@ impl Actor {
                 };
                 self.next_ack += 1;
                 let ack_id = self.next_ack;
-                self.acks.insert(ack_id, PendingAck { peer: peer.clone(), deadline: Instant::now() + timeout, tx: reply });
-                self.push_msg(&peer, Msg::Event { event, ack_id: Some(ack_id), payload: wire });
+                self.acks.insert(
+                    ack_id,
+                    PendingAck {
+                        peer: peer.clone(),
+                        deadline: Instant::now() + timeout,
+                        tx: reply,
+                    },
+                );
+                self.push_msg(
+                    &peer,
+                    Msg::Event {
+                        event,
+                        ack_id: Some(ack_id),
+                        payload: wire,
+                    },
+                );
             }
-            Cmd::Reply { peer, ack_id, result } => {
+            Cmd::Reply {
+                peer,
+                ack_id,
+                result,
+            } => {
                 let msg = match result.map(|p| p.to_wire()) {
                     Ok(Ok(payload)) => Msg::Reply { ack_id, payload },
-                    Ok(Err(e)) => Msg::ReplyError { ack_id, code: "BadPayload".into(), message: e.to_string() },
-                    Err((code, message)) => Msg::ReplyError { ack_id, code, message },
+                    Ok(Err(e)) => Msg::ReplyError {
+                        ack_id,
+                        code: "BadPayload".into(),
+                        message: e.to_string(),
+                    },
+                    Err((code, message)) => Msg::ReplyError {
+                        ack_id,
+                        code,
+                        message,
+                    },
                 };
                 self.push_msg(&peer, msg);
             }
@@ -803,7 +946,11 @@ impl Actor {
                 self.run_actions(&peer, acts).await;
             }
             Cmd::Transport { peer, reply } => {
-                let r = self.peers.get(&peer).map(Peer::transport).ok_or(Error::PeerOffline(peer));
+                let r = self
+                    .peers
+                    .get(&peer)
+                    .map(Peer::transport)
+                    .ok_or(Error::PeerOffline(peer));
                 let _ = reply.send(r);
             }
             Cmd::Peers { reply } => {
@@ -825,7 +972,10 @@ impl Actor {
         let wire = payload.to_wire()?;
         let size = wire.bytes().len();
         if size > self.opts.max_message_size {
-            return Err(Error::PayloadTooLarge { size, max: self.opts.max_message_size });
+            return Err(Error::PayloadTooLarge {
+                size,
+                max: self.opts.max_message_size,
+            });
         }
         Ok(wire)
     }
@@ -848,13 +998,22 @@ impl Actor {
             Some(t) => return Some((done, Error::PeerOffline(t))),
             None => self.peers.keys().cloned().collect(),
         };
-        let msg = Msg::Event { event, ack_id: None, payload: wire };
+        let msg = Msg::Event {
+            event,
+            ack_id: None,
+            payload: wire,
+        };
         if volatile {
-            if let Msg::Event { payload, .. } = &msg {
-                if payload.bytes().len() > CHUNK {
-                    return Some((done, Error::PayloadTooLarge { size: payload.bytes().len(), max: CHUNK }));
+            if let Msg::Event { payload, .. } = &msg
+                && payload.bytes().len() > CHUNK {
+                    return Some((
+                        done,
+                        Error::PayloadTooLarge {
+                            size: payload.bytes().len(),
+                            max: CHUNK,
+                        },
+                    ));
                 }
-            }
             for t in &targets {
                 self.send_now(t, Body::Volatile { msg: msg.clone() }).await;
             }
@@ -864,7 +1023,11 @@ impl Actor {
         for t in &targets {
             self.push_msg(t, msg.clone());
         }
-        let over = targets.iter().any(|t| self.peers.get(t).is_some_and(|p| p.link.backlog() > p.link.window() * 4));
+        let over = targets.iter().any(|t| {
+            self.peers
+                .get(t)
+                .is_some_and(|p| p.link.backlog() > p.link.window() * 4)
+        });
         if over {
             self.parked.push((targets, done));
         } else {
@@ -875,7 +1038,11 @@ impl Actor {
 
     // ---------- WebRTC ----------
 
-    async fn start_upgrades(&mut self, only: Option<String>, done: Option<oneshot::Sender<Result<()>>>) {
+    async fn start_upgrades(
+        &mut self,
+        only: Option<String>,
+        done: Option<oneshot::Sender<Result<()>>>,
+    ) {
         let now = Instant::now();
         let mut ids: Vec<String> = match &only {
             Some(id) => vec![id.clone()],
@@ -897,7 +1064,9 @@ impl Actor {
         }
         for id in ids {
             let active = self.active_channels();
-            let Some(p) = self.peers.get_mut(&id) else { continue };
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
             if p.neg.active() {
                 continue;
             }
@@ -915,7 +1084,10 @@ impl Actor {
     async fn on_signal(&mut self, s: SignalFrom) {
         let now = Instant::now();
         if !self.peers.contains_key(&s.from) {
-            self.ensure_peer(&PeerInfo { id: s.from.clone(), uid: None });
+            self.ensure_peer(&PeerInfo {
+                id: s.from.clone(),
+                uid: None,
+            });
         }
         let accept = self.active_channels() < self.opts.num_clients;
         let acts = match self.peers.get_mut(&s.from) {
@@ -945,7 +1117,11 @@ impl Actor {
             }
             RtcEvent::LocalCandidate(None) => {}
             RtcEvent::Open => {
-                let acts = self.peers.get_mut(&id).map(|p| p.neg.on_open(now)).unwrap_or_default();
+                let acts = self
+                    .peers
+                    .get_mut(&id)
+                    .map(|p| p.neg.on_open(now))
+                    .unwrap_or_default();
                 self.run_actions(&id, acts).await;
             }
             RtcEvent::Message(b) | RtcEvent::VolatileMessage(b) => match Frame::decode(&b) {
@@ -954,19 +1130,34 @@ impl Actor {
                 Err(e) => tracing::warn!(%e, peer = %id, "undecodable frame on the data channel"),
             },
             RtcEvent::Closed(reason) => {
-                let acts = self.peers.get_mut(&id).map(|p| p.neg.on_closed(reason)).unwrap_or_default();
+                let acts = self
+                    .peers
+                    .get_mut(&id)
+                    .map(|p| p.neg.on_closed(reason))
+                    .unwrap_or_default();
                 self.run_actions(&id, acts).await;
             }
         }
     }
 
     async fn rtc_failed(&mut self, id: &str, reason: String) {
-        let acts = self.peers.get_mut(id).map(|p| p.neg.on_error(reason)).unwrap_or_default();
+        let acts = self
+            .peers
+            .get_mut(id)
+            .map(|p| p.neg.on_error(reason))
+            .unwrap_or_default();
         Box::pin(self.run_actions(id, acts)).await;
     }
 
     async fn send_signal(&mut self, to: &str, signal: Signal) {
-        self.request(Op::Signal { to: to.to_owned(), signal }, ReqKind::Signal).await;
+        self.request(
+            Op::Signal {
+                to: to.to_owned(),
+                signal,
+            },
+            ReqKind::Signal,
+        )
+        .await;
     }
 
     fn close_rtc(&mut self, slot: RtcSlot) {
@@ -980,10 +1171,18 @@ impl Actor {
         }
         self.next_key += 1;
         let key = self.next_key;
-        let link = Arc::new(RtcLink::new(&self.rtc_cfg, key, self.rtc_tx.clone()).await.map_err(|e| Error::WebRtc(e.to_string()))?);
+        let link = Arc::new(
+            RtcLink::new(&self.rtc_cfg, key, self.rtc_tx.clone())
+                .await
+                .map_err(|e| Error::WebRtc(e.to_string()))?,
+        );
         self.rtc_keys.insert(key, id.to_owned());
         if let Some(p) = self.peers.get_mut(id) {
-            p.rtc = Some(RtcSlot { link: link.clone(), key, open: false });
+            p.rtc = Some(RtcSlot {
+                link: link.clone(),
+                key,
+                open: false,
+            });
         }
         Ok(link)
     }
@@ -1013,13 +1212,36 @@ impl Actor {
                     },
                     Err(e) => Err(e),
                 },
-                Action::AcceptAnswer(sdp) => match self.peers.get(id).and_then(|p| p.rtc.as_ref()).map(|s| s.link.clone()) {
-                    Some(link) => link.accept_answer(&sdp).await.map_err(|e| Error::WebRtc(e.to_string())),
+                Action::AcceptAnswer(sdp) => match self
+                    .peers
+                    .get(id)
+                    .and_then(|p| p.rtc.as_ref())
+                    .map(|s| s.link.clone())
+                {
+                    Some(link) => link
+                        .accept_answer(&sdp)
+                        .await
+                        .map_err(|e| Error::WebRtc(e.to_string())),
                     None => Ok(()),
                 },
-                Action::AddCandidate(Signal::Candidate { candidate, sdp_mid, sdp_m_line_index, username_fragment }) => {
-                    if let Some(link) = self.peers.get(id).and_then(|p| p.rtc.as_ref()).map(|s| s.link.clone()) {
-                        let c = CandidateInit { candidate, sdp_mid, sdp_m_line_index, username_fragment };
+                Action::AddCandidate(Signal::Candidate {
+                    candidate,
+                    sdp_mid,
+                    sdp_m_line_index,
+                    username_fragment,
+                }) => {
+                    if let Some(link) = self
+                        .peers
+                        .get(id)
+                        .and_then(|p| p.rtc.as_ref())
+                        .map(|s| s.link.clone())
+                    {
+                        let c = CandidateInit {
+                            candidate,
+                            sdp_mid,
+                            sdp_m_line_index,
+                            username_fragment,
+                        };
                         if let Err(e) = link.add_remote_candidate(c).await {
                             tracing::debug!(%e, peer = id, "remote candidate refused");
                         }
@@ -1048,7 +1270,9 @@ impl Actor {
                         }
                         self.dirty.insert(id.to_owned());
                     }
-                    self.peer_event(PeerEvent::Upgraded { peer: id.to_owned() });
+                    self.peer_event(PeerEvent::Upgraded {
+                        peer: id.to_owned(),
+                    });
                     Ok(())
                 }
                 Action::Downgraded(reason) => {
@@ -1056,7 +1280,10 @@ impl Actor {
                         p.link.on_transport_change(now);
                         self.dirty.insert(id.to_owned());
                     }
-                    self.peer_event(PeerEvent::Downgraded { peer: id.to_owned(), reason });
+                    self.peer_event(PeerEvent::Downgraded {
+                        peer: id.to_owned(),
+                        reason,
+                    });
                     Ok(())
                 }
                 Action::Failed(reason) => {
@@ -1065,13 +1292,20 @@ impl Actor {
                             let _ = w.send(Err(Error::WebRtc(reason.clone())));
                         }
                     }
-                    self.peer_event(PeerEvent::UpgradeFailed { peer: id.to_owned(), reason });
+                    self.peer_event(PeerEvent::UpgradeFailed {
+                        peer: id.to_owned(),
+                        reason,
+                    });
                     Ok(())
                 }
             };
             if let Err(e) = result {
                 tracing::debug!(%e, peer = id, "webrtc step failed");
-                let more = self.peers.get_mut(id).map(|p| p.neg.on_error(e.to_string())).unwrap_or_default();
+                let more = self
+                    .peers
+                    .get_mut(id)
+                    .map(|p| p.neg.on_error(e.to_string()))
+                    .unwrap_or_default();
                 queue.extend(more);
             }
         }
@@ -1103,13 +1337,26 @@ impl Actor {
         for (id, acts) in neg_actions {
             self.run_actions(&id, acts).await;
         }
-        let expired: Vec<u64> = self.acks.iter().filter(|(_, a)| a.deadline <= now).map(|(k, _)| *k).collect();
+        let expired: Vec<u64> = self
+            .acks
+            .iter()
+            .filter(|(_, a)| a.deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
         for k in expired {
             if let Some(a) = self.acks.remove(&k) {
-                let _ = a.tx.send(Err(Error::Timeout(format!("no reply from {} in time", a.peer))));
+                let _ = a.tx.send(Err(Error::Timeout(format!(
+                    "no reply from {} in time",
+                    a.peer
+                ))));
             }
         }
-        let expired: Vec<u64> = self.reqs.iter().filter(|(_, r)| r.deadline <= now).map(|(k, _)| *k).collect();
+        let expired: Vec<u64> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
         for k in expired {
             if let Some(r) = self.reqs.remove(&k) {
                 let e = Error::Timeout("no answer from the server".into());
@@ -1118,7 +1365,9 @@ impl Actor {
                         let _ = tx.send(Err(e));
                     }
                     ReqKind::Hello => self.finish_ready(Err(e)),
-                    ReqKind::Pair => self.finish_ready(Err(Error::PeerOffline("pairing timed out".into()))),
+                    ReqKind::Pair => {
+                        self.finish_ready(Err(Error::PeerOffline("pairing timed out".into())))
+                    }
                     ReqKind::Signal => {}
                 }
             }
@@ -1136,14 +1385,17 @@ impl Actor {
         self.finish_ready(Err(Error::Connection(reason.to_owned())));
         let ids: Vec<String> = self.peers.keys().cloned().collect();
         for id in ids {
-            let acts = self.peers.get_mut(&id).map(|p| p.neg.hang_up(reason)).unwrap_or_default();
+            let acts = self
+                .peers
+                .get_mut(&id)
+                .map(|p| p.neg.hang_up(reason))
+                .unwrap_or_default();
             // Only close links here: no signals to a server we are leaving.
             for a in acts {
-                if a == Action::CloseLink {
-                    if let Some(slot) = self.peers.get_mut(&id).and_then(|p| p.rtc.take()) {
+                if a == Action::CloseLink
+                    && let Some(slot) = self.peers.get_mut(&id).and_then(|p| p.rtc.take()) {
                         self.close_rtc(slot);
                     }
-                }
             }
             self.remove_peer(&id, reason).await;
         }
@@ -1155,13 +1407,20 @@ impl Actor {
         for (_, tx) in self.parked.drain(..) {
             let _ = tx.send(Err(Error::Closed));
         }
-        self.peer_event(PeerEvent::Closed { reason: reason.to_owned() });
+        self.peer_event(PeerEvent::Closed {
+            reason: reason.to_owned(),
+        });
     }
 }
 
 fn rand_nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish() | 1
 }

@@ -40,24 +40,41 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, Handlers> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-    pub(crate) fn add(&self, event: Option<String>, from: Option<String>, once: bool, f: EventHandler) -> u64 {
+    pub(crate) fn add(
+        &self,
+        event: Option<String>,
+        from: Option<String>,
+        once: bool,
+        f: EventHandler,
+    ) -> u64 {
         let mut h = self.lock();
         h.next_id += 1;
         let id = h.next_id;
-        h.entries.push(Entry { id, event, from, once, f });
+        h.entries.push(Entry {
+            id,
+            event,
+            from,
+            once,
+            f,
+        });
         id
     }
     /// Removes the handlers of `event` (all events' handlers registered with `on_any` when
     /// `event` is None), limited to those of `from` when given.
     pub(crate) fn remove(&self, event: Option<&str>, from: Option<&str>) {
-        self.lock()
-            .entries
-            .retain(|e| !(e.event.as_deref() == event && (from.is_none() || e.from.as_deref() == from)));
+        self.lock().entries.retain(|e| {
+            !(e.event.as_deref() == event && (from.is_none() || e.from.as_deref() == from))
+        });
     }
     pub(crate) fn remove_id(&self, id: u64) {
         self.lock().entries.retain(|e| e.id != id);
     }
-    pub(crate) fn stream(&self, event: Option<String>, from: Option<String>, cap: usize) -> mpsc::Receiver<Event> {
+    pub(crate) fn stream(
+        &self,
+        event: Option<String>,
+        from: Option<String>,
+        cap: usize,
+    ) -> mpsc::Receiver<Event> {
         let (tx, rx) = mpsc::channel(cap);
         self.lock().streams.push(StreamEntry { event, from, tx });
         rx
@@ -106,19 +123,35 @@ async fn dispatch_event(registry: &Registry, ev: Event) {
             event.as_deref().is_none_or(|e| e == ev.name())
                 && from.as_deref().is_none_or(|f| f == ev.from())
         };
-        let handlers: Vec<EventHandler> =
-            h.entries.iter().filter(|e| matches(&e.event, &e.from)).map(|e| e.f.clone()).collect();
-        h.entries.retain(|e| !(e.once && matches(&e.event, &e.from)));
+        let handlers: Vec<EventHandler> = h
+            .entries
+            .iter()
+            .filter(|e| matches(&e.event, &e.from))
+            .map(|e| e.f.clone())
+            .collect();
+        h.entries
+            .retain(|e| !(e.once && matches(&e.event, &e.from)));
         h.streams.retain(|s| !s.tx.is_closed());
-        let streams: Vec<mpsc::Sender<Event>> =
-            h.streams.iter().filter(|s| matches(&s.event, &s.from)).map(|s| s.tx.clone()).collect();
+        let streams: Vec<mpsc::Sender<Event>> = h
+            .streams
+            .iter()
+            .filter(|s| matches(&s.event, &s.from))
+            .map(|s| s.tx.clone())
+            .collect();
         (handlers, streams)
     };
     if handlers.is_empty() && streams.is_empty() {
         if ev.wants_reply() {
-            ev.reply_error("NoHandler", &format!("no handler for event {:?}", ev.name()));
+            ev.reply_error(
+                "NoHandler",
+                &format!("no handler for event {:?}", ev.name()),
+            );
         }
-        tracing::debug!(event = ev.name(), from = ev.from(), "event without handler dropped");
+        tracing::debug!(
+            event = ev.name(),
+            from = ev.from(),
+            "event without handler dropped"
+        );
         return;
     }
     for f in handlers {
@@ -130,11 +163,10 @@ async fn dispatch_event(registry: &Registry, ev: Event) {
 }
 
 async fn dispatch_peer_event(registry: &Registry, pe: PeerEvent) {
-    if let PeerEvent::Disconnected { peer } | PeerEvent::Left { peer, .. } = &pe {
-        if matches!(pe, PeerEvent::Disconnected { .. }) {
+    if let PeerEvent::Disconnected { peer } | PeerEvent::Left { peer, .. } = &pe
+        && matches!(pe, PeerEvent::Disconnected { .. }) {
             registry.forget_peer(&peer.id);
         }
-    }
     let (handlers, streams) = {
         let mut h = registry.lock();
         h.peer_streams.retain(|s| !s.is_closed());

@@ -68,7 +68,10 @@ pub struct P2p {
 
 impl std::fmt::Debug for P2p {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("P2p").field("id", &self.inner.me.id).field("uid", &self.inner.me.uid).finish()
+        f.debug_struct("P2p")
+            .field("id", &self.inner.me.id)
+            .field("uid", &self.inner.me.uid)
+            .finish()
     }
 }
 
@@ -92,7 +95,13 @@ impl P2p {
         if let Some(auth) = &opts.auth {
             builder = builder.auth(auth.clone());
         }
-        for event in [events::FRAME, events::RESPONSE, events::SIGNAL, events::PRESENCE, events::ERROR] {
+        for event in [
+            events::FRAME,
+            events::RESPONSE,
+            events::SIGNAL,
+            events::PRESENCE,
+            events::ERROR,
+        ] {
             let tx = net_tx.clone();
             builder = builder.on(event, move |payload: SioPayload, _| {
                 if let Some(n) = NetIn::from_event(event, payload) {
@@ -114,7 +123,15 @@ impl P2p {
         let tx = net_tx;
         builder = builder.on(SioEvent::Error, move |payload: SioPayload, _| {
             let text = match payload {
-                SioPayload::Text(v) => v.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string())).collect::<Vec<_>>().join(" "),
+                SioPayload::Text(v) => v
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 #[allow(deprecated)]
                 SioPayload::String(s) => s,
                 SioPayload::Binary(_) => String::from("binary error"),
@@ -122,7 +139,10 @@ impl P2p {
             let _ = tx.send(NetIn::SocketError(text));
             async {}.boxed()
         });
-        let client = builder.connect().await.map_err(|e| Error::Connection(e.to_string()))?;
+        let client = builder
+            .connect()
+            .await
+            .map_err(|e| Error::Connection(e.to_string()))?;
 
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::channel(opts.events_capacity);
@@ -132,10 +152,28 @@ impl P2p {
         let (ready_tx, ready_rx) = oneshot::channel();
         let ack_timeout = opts.ack_timeout;
         let events_capacity = opts.events_capacity;
-        let actor = Actor::new(opts, client, Channels { cmds: cmd_rx, net: net_rx, events: ev_tx, peer_events: pe_tx }, ready_tx);
+        let actor = Actor::new(
+            opts,
+            client,
+            Channels {
+                cmds: cmd_rx,
+                net: net_rx,
+                events: ev_tx,
+                peer_events: pe_tx,
+            },
+            ready_tx,
+        );
         tokio::spawn(actor.run());
         let me = ready_rx.await.map_err(|_| Error::Closed)??;
-        Ok(P2p { inner: Arc::new(Inner { cmds: cmd_tx, registry, me, ack_timeout, events_capacity }) })
+        Ok(P2p {
+            inner: Arc::new(Inner {
+                cmds: cmd_tx,
+                registry,
+                me,
+                ack_timeout,
+                events_capacity,
+            }),
+        })
     }
 
     /// This peer's server-assigned id.
@@ -158,8 +196,21 @@ impl P2p {
         rx.await.map_err(|_| Error::Closed)
     }
 
-    async fn emit_inner(&self, target: Option<String>, event: &str, payload: Payload, volatile: bool) -> Result<()> {
-        self.call(|done| Cmd::Emit { target, event: event.to_owned(), payload, volatile, done }).await?
+    async fn emit_inner(
+        &self,
+        target: Option<String>,
+        event: &str,
+        payload: Payload,
+        volatile: bool,
+    ) -> Result<()> {
+        self.call(|done| Cmd::Emit {
+            target,
+            event: event.to_owned(),
+            payload,
+            volatile,
+            done,
+        })
+        .await?
     }
 
     /// Sends an event to every peer of this peer's rooms and pair. Returns once the event is
@@ -170,7 +221,11 @@ impl P2p {
     }
 
     /// Sends an event to every peer and waits for each one's reply.
-    pub async fn emit_with_ack(&self, event: &str, payload: impl Into<Payload>) -> Result<Vec<(String, Result<Payload>)>> {
+    pub async fn emit_with_ack(
+        &self,
+        event: &str,
+        payload: impl Into<Payload>,
+    ) -> Result<Vec<(String, Result<Payload>)>> {
         let payload = payload.into();
         let peers = self.peers().await?;
         let calls = peers.into_iter().map(|p| {
@@ -191,23 +246,38 @@ impl P2p {
 
     /// Targets one peer: `p2p.to(id).emit(...)`.
     pub fn to(&self, peer: &str) -> To<'_> {
-        To { p2p: self, peer: peer.to_owned() }
+        To {
+            p2p: self,
+            peer: peer.to_owned(),
+        }
     }
 
     /// Handles an event from any peer. Handlers run on the dispatcher task, one event at a
     /// time: keep them short and spawn tasks for long work.
     pub fn on(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.inner.registry.add(Some(event.to_owned()), None, false, Arc::new(handler)))
+        HandlerId(
+            self.inner
+                .registry
+                .add(Some(event.to_owned()), None, false, Arc::new(handler)),
+        )
     }
 
     /// Like [`P2p::on`], for the next matching event only.
     pub fn once(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.inner.registry.add(Some(event.to_owned()), None, true, Arc::new(handler)))
+        HandlerId(
+            self.inner
+                .registry
+                .add(Some(event.to_owned()), None, true, Arc::new(handler)),
+        )
     }
 
     /// Handles every event, whatever its name.
     pub fn on_any(&self, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.inner.registry.add(None, None, false, Arc::new(handler)))
+        HandlerId(
+            self.inner
+                .registry
+                .add(None, None, false, Arc::new(handler)),
+        )
     }
 
     /// Removes every handler of `event` registered with `on`/`once` (not those of `from(..)`).
@@ -223,17 +293,28 @@ impl P2p {
     /// Filters on one sender: `p2p.from(id).on(...)`. Its handlers go away when that peer
     /// disconnects.
     pub fn from(&self, peer: &str) -> From<'_> {
-        From { p2p: self, peer: peer.to_owned() }
+        From {
+            p2p: self,
+            peer: peer.to_owned(),
+        }
     }
 
     /// Every event as a stream (for `while let Some(ev) = events.next().await`).
     pub fn events(&self) -> EventStream {
-        EventStream(self.inner.registry.stream(None, None, self.inner.events_capacity))
+        EventStream(
+            self.inner
+                .registry
+                .stream(None, None, self.inner.events_capacity),
+        )
     }
 
     /// The events named `event` as a stream.
     pub fn events_named(&self, event: &str) -> EventStream {
-        EventStream(self.inner.registry.stream(Some(event.to_owned()), None, self.inner.events_capacity))
+        EventStream(self.inner.registry.stream(
+            Some(event.to_owned()),
+            None,
+            self.inner.events_capacity,
+        ))
     }
 
     /// Lifecycle events (peers joining, leaving, upgrades...) as a stream. Only events after
@@ -258,41 +339,66 @@ impl P2p {
 
     /// Joins a room; returns its other peers.
     pub async fn join(&self, room: &str) -> Result<Vec<PeerInfo>> {
-        let v = self.request(Op::Join { room: room.to_owned() }).await?;
+        let v = self
+            .request(Op::Join {
+                room: room.to_owned(),
+            })
+            .await?;
         serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
     }
 
     /// Leaves a room.
     pub async fn leave(&self, room: &str) -> Result<()> {
-        self.request(Op::Leave { room: room.to_owned() }).await.map(|_| ())
+        self.request(Op::Leave {
+            room: room.to_owned(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The other peers of a room this peer is in.
     pub async fn room_peers(&self, room: &str) -> Result<Vec<PeerInfo>> {
-        let v = self.request(Op::Peers { room: room.to_owned() }).await?;
+        let v = self
+            .request(Op::Peers {
+                room: room.to_owned(),
+            })
+            .await?;
         serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
     }
 
     /// Starts moving every reachable peer onto WebRTC (up to `num_clients`). Watch
     /// [`PeerEvent::Upgraded`] / [`PeerEvent::UpgradeFailed`], or use [`P2p::upgrade_peer`].
     pub fn upgrade(&self) -> Result<()> {
-        self.send(Cmd::Upgrade { peer: None, done: None })
+        self.send(Cmd::Upgrade {
+            peer: None,
+            done: None,
+        })
     }
 
     /// Moves one peer onto WebRTC and waits for the outcome. On failure the peer stays on
     /// the relay and keeps working.
     pub async fn upgrade_peer(&self, peer: &str) -> Result<()> {
-        self.call(|done| Cmd::Upgrade { peer: Some(peer.to_owned()), done: Some(done) }).await?
+        self.call(|done| Cmd::Upgrade {
+            peer: Some(peer.to_owned()),
+            done: Some(done),
+        })
+        .await?
     }
 
     /// Closes the data channel to a peer; traffic goes back to the relay.
     pub fn downgrade_peer(&self, peer: &str) -> Result<()> {
-        self.send(Cmd::Downgrade { peer: peer.to_owned() })
+        self.send(Cmd::Downgrade {
+            peer: peer.to_owned(),
+        })
     }
 
     /// The transport currently used with a peer.
     pub async fn transport(&self, peer: &str) -> Result<Transport> {
-        self.call(|reply| Cmd::Transport { peer: peer.to_owned(), reply }).await?
+        self.call(|reply| Cmd::Transport {
+            peer: peer.to_owned(),
+            reply,
+        })
+        .await?
     }
 
     /// Number of WebRTC peer connections this peer holds (open or being set up).
@@ -322,21 +428,37 @@ pub struct To<'a> {
 impl To<'_> {
     /// Sends an event to this peer (reliable, ordered).
     pub async fn emit(&self, event: &str, payload: impl Into<Payload>) -> Result<()> {
-        self.p2p.emit_inner(Some(self.peer.clone()), event, payload.into(), false).await
+        self.p2p
+            .emit_inner(Some(self.peer.clone()), event, payload.into(), false)
+            .await
     }
     /// Sends a best-effort event to this peer.
     pub async fn emit_volatile(&self, event: &str, payload: impl Into<Payload>) -> Result<()> {
-        self.p2p.emit_inner(Some(self.peer.clone()), event, payload.into(), true).await
+        self.p2p
+            .emit_inner(Some(self.peer.clone()), event, payload.into(), true)
+            .await
     }
     /// Sends an event and waits for the reply (the default ack timeout applies).
     pub async fn emit_with_ack(&self, event: &str, payload: impl Into<Payload>) -> Result<Payload> {
-        self.emit_with_ack_timeout(event, payload, self.p2p.inner.ack_timeout).await
+        self.emit_with_ack_timeout(event, payload, self.p2p.inner.ack_timeout)
+            .await
     }
     /// Sends an event and waits at most `timeout` for the reply.
-    pub async fn emit_with_ack_timeout(&self, event: &str, payload: impl Into<Payload>, timeout: Duration) -> Result<Payload> {
+    pub async fn emit_with_ack_timeout(
+        &self,
+        event: &str,
+        payload: impl Into<Payload>,
+        timeout: Duration,
+    ) -> Result<Payload> {
         let payload = payload.into();
         self.p2p
-            .call(|reply| Cmd::EmitAck { peer: self.peer.clone(), event: event.to_owned(), payload, timeout, reply })
+            .call(|reply| Cmd::EmitAck {
+                peer: self.peer.clone(),
+                event: event.to_owned(),
+                payload,
+                timeout,
+                reply,
+            })
             .await?
     }
 }
@@ -351,23 +473,45 @@ pub struct From<'a> {
 impl From<'_> {
     /// Handles `event` from this peer only.
     pub fn on(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.p2p.inner.registry.add(Some(event.to_owned()), Some(self.peer.clone()), false, Arc::new(handler)))
+        HandlerId(self.p2p.inner.registry.add(
+            Some(event.to_owned()),
+            Some(self.peer.clone()),
+            false,
+            Arc::new(handler),
+        ))
     }
     /// Handles the next `event` from this peer only.
     pub fn once(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.p2p.inner.registry.add(Some(event.to_owned()), Some(self.peer.clone()), true, Arc::new(handler)))
+        HandlerId(self.p2p.inner.registry.add(
+            Some(event.to_owned()),
+            Some(self.peer.clone()),
+            true,
+            Arc::new(handler),
+        ))
     }
     /// Handles every event from this peer.
     pub fn on_any(&self, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.p2p.inner.registry.add(None, Some(self.peer.clone()), false, Arc::new(handler)))
+        HandlerId(self.p2p.inner.registry.add(
+            None,
+            Some(self.peer.clone()),
+            false,
+            Arc::new(handler),
+        ))
     }
     /// Removes this peer's handlers of `event`.
     pub fn off(&self, event: &str) {
-        self.p2p.inner.registry.remove(Some(event), Some(&self.peer));
+        self.p2p
+            .inner
+            .registry
+            .remove(Some(event), Some(&self.peer));
     }
     /// This peer's events as a stream.
     pub fn events(&self) -> EventStream {
-        EventStream(self.p2p.inner.registry.stream(None, Some(self.peer.clone()), self.p2p.inner.events_capacity))
+        EventStream(self.p2p.inner.registry.stream(
+            None,
+            Some(self.peer.clone()),
+            self.p2p.inner.events_capacity,
+        ))
     }
 }
 

@@ -296,13 +296,35 @@ fn split_payload(msg: Msg) -> (Msg, Bytes) {
             WirePayload::Json(b) => (b, false),
             WirePayload::Binary(b) => (b, true),
         };
-        let rest = if b.len() > CHUNK { b.split_off(CHUNK) } else { Bytes::new() };
-        (if binary { WirePayload::Binary(b) } else { WirePayload::Json(b) }, rest)
+        let rest = if b.len() > CHUNK {
+            b.split_off(CHUNK)
+        } else {
+            Bytes::new()
+        };
+        (
+            if binary {
+                WirePayload::Binary(b)
+            } else {
+                WirePayload::Json(b)
+            },
+            rest,
+        )
     };
     match msg {
-        Msg::Event { event, ack_id, payload } => {
+        Msg::Event {
+            event,
+            ack_id,
+            payload,
+        } => {
             let (payload, rest) = cut(payload);
-            (Msg::Event { event, ack_id, payload }, rest)
+            (
+                Msg::Event {
+                    event,
+                    ack_id,
+                    payload,
+                },
+                rest,
+            )
         }
         Msg::Reply { ack_id, payload } => {
             let (payload, rest) = cut(payload);
@@ -322,11 +344,26 @@ fn join_payload(first: Msg, rest: Bytes) -> Msg {
         all.extend_from_slice(&head);
         all.extend_from_slice(&rest);
         let all = all.freeze();
-        if binary { WirePayload::Binary(all) } else { WirePayload::Json(all) }
+        if binary {
+            WirePayload::Binary(all)
+        } else {
+            WirePayload::Json(all)
+        }
     };
     match first {
-        Msg::Event { event, ack_id, payload } => Msg::Event { event, ack_id, payload: join(payload) },
-        Msg::Reply { ack_id, payload } => Msg::Reply { ack_id, payload: join(payload) },
+        Msg::Event {
+            event,
+            ack_id,
+            payload,
+        } => Msg::Event {
+            event,
+            ack_id,
+            payload: join(payload),
+        },
+        Msg::Reply { ack_id, payload } => Msg::Reply {
+            ack_id,
+            payload: join(payload),
+        },
         other => other,
     }
 }
@@ -345,7 +382,10 @@ mod tests {
 
     fn data_of(frame: &Bytes) -> (u64, bool, Msg) {
         match Frame::decode(frame) {
-            Ok(Frame { body: Body::Data { seq, more, msg }, .. }) => (seq, more, msg),
+            Ok(Frame {
+                body: Body::Data { seq, more, msg },
+                ..
+            }) => (seq, more, msg),
             other => panic!("not a data frame: {other:?}"),
         }
     }
@@ -367,8 +407,10 @@ mod tests {
             a.poll_transmit(&mut out);
             let mut acks = Vec::new();
             for f in out {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                if drop_every > 0 && (rng >> 33) % drop_every as u64 == 0 {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if drop_every > 0 && (rng >> 33).is_multiple_of(drop_every as u64) {
                     continue;
                 }
                 let (seq, more, msg) = data_of(&f);
@@ -404,7 +446,10 @@ mod tests {
             let got = run(500, drop_every, 8);
             let want: Vec<Msg> = (0..500).map(ev).collect();
             assert_eq!(got.len(), want.len(), "drop_every={drop_every}");
-            assert!(got == want, "drop_every={drop_every}: wrong order or content");
+            assert!(
+                got == want,
+                "drop_every={drop_every}: wrong order or content"
+            );
         }
     }
 
@@ -414,7 +459,11 @@ mod tests {
         let mut a = Link::new("b", 1000, 1 << 20, t0);
         let mut b = Link::new("a", 1000, 1 << 20, t0);
         let big: Vec<u8> = (0..(CHUNK * 3 + 17)).map(|i| (i % 251) as u8).collect();
-        let msg = Msg::Event { event: "f".into(), ack_id: Some(4), payload: WirePayload::Binary(Bytes::from(big)) };
+        let msg = Msg::Event {
+            event: "f".into(),
+            ack_id: Some(4),
+            payload: WirePayload::Binary(Bytes::from(big)),
+        };
         a.push(msg.clone()).ok();
         let mut out = Vec::new();
         a.poll_transmit(&mut out);
@@ -435,7 +484,12 @@ mod tests {
         let mut a = Link::new("b", 1000, 1 << 20, t0);
         let mut b = Link::new("a", 1000, CHUNK * 2, t0);
         let big = vec![7u8; CHUNK * 3];
-        a.push(Msg::Event { event: "f".into(), ack_id: Some(9), payload: WirePayload::Binary(Bytes::from(big)) }).ok();
+        a.push(Msg::Event {
+            event: "f".into(),
+            ack_id: Some(9),
+            payload: WirePayload::Binary(Bytes::from(big)),
+        })
+        .ok();
         a.push(ev(1)).ok();
         let mut out = Vec::new();
         a.poll_transmit(&mut out);
@@ -446,7 +500,14 @@ mod tests {
                 got.push(d);
             }
         }
-        assert!(matches!(got[0], Delivered::TooLarge { reply_to: Some(9), failed_reply: None, .. }));
+        assert!(matches!(
+            got[0],
+            Delivered::TooLarge {
+                reply_to: Some(9),
+                failed_reply: None,
+                ..
+            }
+        ));
         assert_eq!(got[1], Delivered::Msg(ev(1)));
     }
 

@@ -108,9 +108,15 @@ impl Negotiation {
                     Phase::Open => {
                         // The peer lost its channel and wants a new one.
                         self.enter(Phase::Offering, now);
-                        vec![Action::CloseLink, Action::Downgraded("peer asked for a new connection".into()), Action::CreateOffer]
+                        vec![
+                            Action::CloseLink,
+                            Action::Downgraded("peer asked for a new connection".into()),
+                            Action::CreateOffer,
+                        ]
                     }
-                    _ if !accept => vec![Action::Send(Signal::Bye { reason: Some("busy: num_clients reached".into()) })],
+                    _ if !accept => vec![Action::Send(Signal::Bye {
+                        reason: Some("busy: num_clients reached".into()),
+                    })],
                     _ => {
                         self.enter(Phase::Offering, now);
                         vec![Action::CreateOffer]
@@ -123,7 +129,9 @@ impl Negotiation {
                     return vec![];
                 }
                 if !accept && self.phase == Phase::Idle {
-                    return vec![Action::Send(Signal::Bye { reason: Some("busy: num_clients reached".into()) })];
+                    return vec![Action::Send(Signal::Bye {
+                        reason: Some("busy: num_clients reached".into()),
+                    })];
                 }
                 let was_open = self.phase == Phase::Open;
                 self.enter(Phase::Answering, now);
@@ -194,7 +202,9 @@ impl Negotiation {
             }
         }
         if tell_peer {
-            out.push(Action::Send(Signal::Bye { reason: Some(reason) }));
+            out.push(Action::Send(Signal::Bye {
+                reason: Some(reason),
+            }));
         }
         out
     }
@@ -220,7 +230,10 @@ mod tests {
     const T: Duration = Duration::from_secs(5);
 
     fn pair(now: Instant) -> (Negotiation, Negotiation) {
-        (Negotiation::new("a", "b", T, now), Negotiation::new("b", "a", T, now))
+        (
+            Negotiation::new("a", "b", T, now),
+            Negotiation::new("b", "a", T, now),
+        )
     }
 
     #[test]
@@ -233,8 +246,14 @@ mod tests {
         assert_eq!(a.on_signal(Signal::Request, true, now), vec![]);
         // a's offer reaches b (Requested): b answers.
         let acts = b.on_signal(Signal::Offer { sdp: "o".into() }, true, now);
-        assert_eq!(acts, vec![Action::CloseLink, Action::AcceptOffer("o".into())]);
-        assert_eq!(a.on_signal(Signal::Answer { sdp: "x".into() }, true, now), vec![Action::AcceptAnswer("x".into())]);
+        assert_eq!(
+            acts,
+            vec![Action::CloseLink, Action::AcceptOffer("o".into())]
+        );
+        assert_eq!(
+            a.on_signal(Signal::Answer { sdp: "x".into() }, true, now),
+            vec![Action::AcceptAnswer("x".into())]
+        );
         assert_eq!(a.on_open(now), vec![Action::Upgraded]);
         assert_eq!(b.on_open(now), vec![Action::Upgraded]);
         assert_eq!(a.phase(), Phase::Open);
@@ -246,10 +265,25 @@ mod tests {
         let (mut a, mut b) = pair(now);
         a.start(now);
         // A foreign client "b" offers at the same time: a ignores it.
-        assert_eq!(a.on_signal(Signal::Offer { sdp: "from-b".into() }, true, now), vec![]);
+        assert_eq!(
+            a.on_signal(
+                Signal::Offer {
+                    sdp: "from-b".into()
+                },
+                true,
+                now
+            ),
+            vec![]
+        );
         // b (not the offerer) always takes a's offer, whatever it was doing.
         b.phase = Phase::Offering;
-        let acts = b.on_signal(Signal::Offer { sdp: "from-a".into() }, true, now);
+        let acts = b.on_signal(
+            Signal::Offer {
+                sdp: "from-a".into(),
+            },
+            true,
+            now,
+        );
         assert!(acts.contains(&Action::AcceptOffer("from-a".into())));
         assert_eq!(b.phase(), Phase::Answering);
     }
@@ -282,7 +316,13 @@ mod tests {
         assert_eq!(b.phase(), Phase::Idle);
         // a gets the bye while offering: failed, no bye back.
         a.start(now);
-        let acts = a.on_signal(Signal::Bye { reason: Some("busy".into()) }, true, now);
+        let acts = a.on_signal(
+            Signal::Bye {
+                reason: Some("busy".into()),
+            },
+            true,
+            now,
+        );
         assert_eq!(acts, vec![Action::CloseLink, Action::Failed("busy".into())]);
     }
 }

@@ -15,17 +15,33 @@ pub struct IceServer {
 impl IceServer {
     /// A STUN server.
     pub fn stun(url: impl Into<String>) -> Self {
-        Self { urls: vec![url.into()], username: None, credential: None }
+        Self {
+            urls: vec![url.into()],
+            username: None,
+            credential: None,
+        }
     }
     /// A TURN server with credentials.
-    pub fn turn(url: impl Into<String>, username: impl Into<String>, credential: impl Into<String>) -> Self {
-        Self { urls: vec![url.into()], username: Some(username.into()), credential: Some(credential.into()) }
+    pub fn turn(
+        url: impl Into<String>,
+        username: impl Into<String>,
+        credential: impl Into<String>,
+    ) -> Self {
+        Self {
+            urls: vec![url.into()],
+            username: Some(username.into()),
+            credential: Some(credential.into()),
+        }
     }
 }
 
 impl From<IceServer> for crate::rtc::IceServerConfig {
     fn from(s: IceServer) -> Self {
-        Self { urls: s.urls, username: s.username, credential: s.credential }
+        Self {
+            urls: s.urls,
+            username: s.username,
+            credential: s.credential,
+        }
     }
 }
 

@@ -539,7 +539,11 @@ async fn new_peer_connection(
                     }
                 }
                 _ => {
-                    tracing::warn!(key = sh.key, label = dc.label(), "unexpected data channel ignored");
+                    tracing::warn!(
+                        key = sh.key,
+                        label = dc.label(),
+                        "unexpected data channel ignored"
+                    );
                 }
             }
         }
@@ -667,7 +671,10 @@ impl RtcLink {
             .await
             .is_err()
         {
-            tracing::warn!(key = self.shared.key, "ICE gathering timed out; sending what we have");
+            tracing::warn!(
+                key = self.shared.key,
+                "ICE gathering timed out; sending what we have"
+            );
         }
         Ok(self
             .pc()
@@ -754,7 +761,10 @@ impl RtcLink {
         if let Err(e) = old.close().await {
             tracing::debug!(key = self.shared.key, error = %e, "closing rolled-back connection");
         }
-        tracing::debug!(key = self.shared.key, "local offer rolled back (fresh peer connection)");
+        tracing::debug!(
+            key = self.shared.key,
+            "local offer rolled back (fresh peer connection)"
+        );
         Ok(())
     }
 
@@ -863,7 +873,15 @@ impl RtcLink {
                 tracing::debug!(key = self.shared.key, error = %e, "closing data channel");
             }
         }
-        if let Err(e) = self.pc().close().await {
+        let t0 = std::time::Instant::now();
+        let r = self.pc().close().await;
+        eprintln!(
+            "DBG close key {} took {:?}: {:?}",
+            self.shared.key,
+            t0.elapsed(),
+            r.as_ref().err()
+        );
+        if let Err(e) = r {
             tracing::debug!(key = self.shared.key, error = %e, "closing peer connection");
         }
         self.remote.lock().await.pending.clear();
@@ -897,7 +915,10 @@ impl Drop for RtcLink {
                 }
             });
         } else {
-            tracing::warn!(key = self.shared.key, "RtcLink dropped outside a tokio runtime without close()");
+            tracing::warn!(
+                key = self.shared.key,
+                "RtcLink dropped outside a tokio runtime without close()"
+            );
         }
     }
 }
@@ -988,7 +1009,11 @@ mod tests {
     }
 
     /// Offer/answer + candidates until both sides are open; returns the time it took.
-    async fn connect(a: &RtcLink, b: &RtcLink, rx: &mut Rx) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+    async fn connect(
+        a: &RtcLink,
+        b: &RtcLink,
+        rx: &mut Rx,
+    ) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
         let start = Instant::now();
         let offer = a.create_offer().await?;
         let answer = b.accept_offer(&offer).await?;
@@ -1088,7 +1113,10 @@ mod tests {
     async fn trickle_open_and_exchange() -> TestResult {
         let _serial = SERIAL.lock().await;
         let (a, b, mut rx) = pair(&cfg(true), &cfg(true)).await?;
-        assert!(matches!(a.send(Bytes::from_static(b"x")).await, Err(RtcError::NotOpen)));
+        assert!(matches!(
+            a.send(Bytes::from_static(b"x")).await,
+            Err(RtcError::NotOpen)
+        ));
         let took = connect(&a, &b, &mut rx).await?;
         eprintln!("trickle: offer -> both open in {took:?}");
         let big = Bytes::from(vec![0u8; MAX_FRAME_SIZE + 1]);
@@ -1162,7 +1190,10 @@ mod tests {
         ] {
             // Before any remote description (would be buffered) ...
             let r = a.add_remote_candidate(bad(junk)).await;
-            assert!(matches!(r, Err(RtcError::BadCandidate(_))), "{junk:?}: {r:?}");
+            assert!(
+                matches!(r, Err(RtcError::BadCandidate(_))),
+                "{junk:?}: {r:?}"
+            );
         }
         // End of candidates is fine.
         a.add_remote_candidate(bad("")).await?;
@@ -1203,7 +1234,10 @@ mod tests {
     }
 
     /// Runs a negotiation where `b` gathers no candidate; returns (time to Closed on a, on b).
-    async fn blocked_run(timeouts: IceTimeouts, limit: Duration) -> Result<Seen, Box<dyn std::error::Error + Send + Sync>> {
+    async fn blocked_run(
+        timeouts: IceTimeouts,
+        limit: Duration,
+    ) -> Result<Seen, Box<dyn std::error::Error + Send + Sync>> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let a = RtcLink::with_timeouts(&cfg(true), A, tx.clone(), timeouts).await?;
         let blocked = RtcConfig {
@@ -1216,8 +1250,14 @@ mod tests {
         let answer = b.accept_offer(&offer).await?;
         assert!(!answer.contains("a=candidate:"));
         a.accept_answer(&answer).await?;
-        let seen = pump(&a, &b, &mut rx, start, limit, |s| s.closed.iter().all(Option::is_some)).await?;
-        assert!(seen.open.iter().all(Option::is_none), "opened without candidates: {seen:?}");
+        let seen = pump(&a, &b, &mut rx, start, limit, |s| {
+            s.closed.iter().all(Option::is_some)
+        })
+        .await?;
+        assert!(
+            seen.open.iter().all(Option::is_none),
+            "opened without candidates: {seen:?}"
+        );
         Ok(seen)
     }
 
@@ -1232,7 +1272,10 @@ mod tests {
                 panic!("no Closed event: {seen:?}");
             };
             assert!(reason.contains("failed"), "{reason}");
-            assert!(*t >= expected.saturating_sub(Duration::from_secs(1)), "{t:?}");
+            assert!(
+                *t >= expected.saturating_sub(Duration::from_secs(1)),
+                "{t:?}"
+            );
         }
         Ok(())
     }
@@ -1255,14 +1298,20 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn close_is_seen_by_peer_and_nothing_leaks() -> TestResult {
         let _serial = SERIAL.lock().await;
-        assert!(wait_no_live_links(Duration::from_secs(5)).await, "links left by earlier tests");
+        assert!(
+            wait_no_live_links(Duration::from_secs(5)).await,
+            "links left by earlier tests"
+        );
         let (a, b, mut rx) = pair(&cfg(true), &cfg(true)).await?;
         connect(&a, &b, &mut rx).await?;
         assert_eq!(live_links(), 2);
         let start = Instant::now();
         a.close().await;
         a.close().await; // idempotent
-        assert!(matches!(a.send(Bytes::from_static(b"x")).await, Err(RtcError::Closed)));
+        assert!(matches!(
+            a.send(Bytes::from_static(b"x")).await,
+            Err(RtcError::Closed)
+        ));
         let reason = timeout(Duration::from_secs(10), async {
             loop {
                 match rx.recv().await {
@@ -1276,14 +1325,24 @@ mod tests {
             }
         })
         .await?;
-        eprintln!("peer saw Closed({reason:?}) {:?} after close()", start.elapsed());
+        eprintln!(
+            "peer saw Closed({reason:?}) {:?} after close()",
+            start.elapsed()
+        );
         assert!(reason.is_some());
         b.close().await;
         let weak_pc = Arc::downgrade(&a.pc());
         drop(a);
         drop(b);
-        assert!(weak_pc.upgrade().is_none(), "peer connection still referenced");
-        assert!(wait_no_live_links(Duration::from_secs(5)).await, "live_links = {}", live_links());
+        assert!(
+            weak_pc.upgrade().is_none(),
+            "peer connection still referenced"
+        );
+        assert!(
+            wait_no_live_links(Duration::from_secs(5)).await,
+            "live_links = {}",
+            live_links()
+        );
         // Every sender clone held by webrtc callbacks is gone: the channel ends.
         let ended = timeout(Duration::from_secs(5), async {
             while rx.recv().await.is_some() {}
@@ -1330,7 +1389,11 @@ mod tests {
             a.close().await;
             b.close().await;
         }
-        assert!(wait_no_live_links(Duration::from_secs(5)).await, "live_links = {}", live_links());
+        assert!(
+            wait_no_live_links(Duration::from_secs(5)).await,
+            "live_links = {}",
+            live_links()
+        );
         let right_after = metrics.num_alive_tasks();
         let settled = timeout(Duration::from_secs(15), async {
             while metrics.num_alive_tasks() > before {
@@ -1347,13 +1410,15 @@ mod tests {
         Ok(())
     }
 
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "probe"]
     async fn zz_probe_tasks() -> TestResult {
         let _serial = SERIAL.lock().await;
         let metrics = tokio::runtime::Handle::current().metrics();
-        let n: u32 = std::env::var("PROBE_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let n: u32 = std::env::var("PROBE_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
         let t = Instant::now();
         let socks = || {
             std::fs::read_dir("/proc/self/fd")
@@ -1373,18 +1438,33 @@ mod tests {
             let (a, b, mut rx) = pair(&cfg(true), &cfg(true)).await?;
             connect(&a, &b, &mut rx).await?;
             a.send(frame(b'a', i, 10)).await?;
-            let st = format!("{} {} / {} {}", a.pc().ice_gathering_state(), a.pc().ice_connection_state(), b.pc().ice_gathering_state(), b.pc().ice_connection_state());
+            let st = format!(
+                "{} {} / {} {}",
+                a.pc().ice_gathering_state(),
+                a.pc().ice_connection_state(),
+                b.pc().ice_gathering_state(),
+                b.pc().ice_connection_state()
+            );
             a.close().await;
             b.close().await;
             drop((a, b));
             tokio::time::sleep(Duration::from_millis(20)).await;
-            eprintln!("cycle {i}: {st} sockets {s0} -> {} tasks {}", socks(), metrics.num_alive_tasks());
+            eprintln!(
+                "cycle {i}: {st} sockets {s0} -> {} tasks {}",
+                socks(),
+                metrics.num_alive_tasks()
+            );
         }
         let mut last = usize::MAX;
         for _ in 0..40 {
             let now = metrics.num_alive_tasks();
             if now != last {
-                eprintln!("{:?}: alive {now} live {} sockets {}", t.elapsed(), live_links(), socks());
+                eprintln!(
+                    "{:?}: alive {now} live {} sockets {}",
+                    t.elapsed(),
+                    live_links(),
+                    socks()
+                );
                 last = now;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1448,7 +1528,10 @@ mod tests {
                 }
             }
         };
-        let (sent, ()) = timeout(Duration::from_secs(120), async { tokio::join!(sender, receiver) }).await?;
+        let (sent, ()) = timeout(Duration::from_secs(120), async {
+            tokio::join!(sender, receiver)
+        })
+        .await?;
         let max_buffered = sent?;
         let secs = start.elapsed().as_secs_f64();
         eprintln!(

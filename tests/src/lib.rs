@@ -53,12 +53,19 @@ pub async fn spawn_server_with(opts: SignalingOptions) -> Server {
     let signaling = P2pSignaling::new(opts);
     signaling.attach(&io);
     let app = axum::Router::new().layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    Server { addr, signaling, io, task }
+    Server {
+        addr,
+        signaling,
+        io,
+        task,
+    }
 }
 
 /// Options for a relay-only test peer (no WebRTC, loopback only anyway).
@@ -99,7 +106,10 @@ where
 /// Waits for the peer to see `n` peers.
 pub async fn wait_peers(p: &P2p, n: usize) {
     assert!(
-        wait_until(10, || async { p.peers().await.map(|v| v.len()).unwrap_or(0) == n }).await,
+        wait_until(10, || async {
+            p.peers().await.map(|v| v.len()).unwrap_or(0) == n
+        })
+        .await,
         "peer {} never saw {n} peers",
         p.id()
     );
@@ -146,7 +156,10 @@ impl Raw {
     }
 
     pub async fn emit_bin(&self, event: &str, b: Vec<u8>) {
-        self.client.emit(event, SioPayload::Binary(b.into())).await.expect("emit");
+        self.client
+            .emit(event, SioPayload::Binary(b.into()))
+            .await
+            .expect("emit");
     }
 
     /// Next message of this event name (others are skipped), as JSON (binary as bytes array).
@@ -170,8 +183,11 @@ impl Raw {
 
     /// Sends `hello` and returns the welcome.
     pub async fn hello(&mut self, uid: Option<&str>, rooms: &[&str]) -> Value {
-        self.emit("p2p:req", serde_json::json!({"rid": 1, "op": "hello", "version": 1, "uid": uid, "rooms": rooms}))
-            .await;
+        self.emit(
+            "p2p:req",
+            serde_json::json!({"rid": 1, "op": "hello", "version": 1, "uid": uid, "rooms": rooms}),
+        )
+        .await;
         let res = self.expect("p2p:res").await;
         assert!(res.get("ok").is_some(), "hello failed: {res}");
         res["ok"].clone()

@@ -29,7 +29,11 @@ async fn still_works(a: &P2p, b: &P2p) {
 }
 
 fn code(v: &Value) -> &str {
-    v.get("error").and_then(|e| e.get("code")).or_else(|| v.get("code")).and_then(Value::as_str).unwrap_or("")
+    v.get("error")
+        .and_then(|e| e.get("code"))
+        .or_else(|| v.get("code"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
 }
 
 fn frame(to: &str, from: &str, text: &str) -> Vec<u8> {
@@ -39,7 +43,11 @@ fn frame(to: &str, from: &str, text: &str) -> Vec<u8> {
         body: Body::Data {
             seq: 1,
             more: false,
-            msg: Msg::Event { event: "chat".into(), ack_id: None, payload: WirePayload::Json(serde_json::to_vec(text).unwrap().into()) },
+            msg: Msg::Event {
+                event: "chat".into(),
+                ack_id: None,
+                payload: WirePayload::Json(serde_json::to_vec(text).unwrap().into()),
+            },
         },
     };
     relay_escape(&f.encode().unwrap()).to_vec()
@@ -50,7 +58,12 @@ async fn wrong_shapes_and_types_get_bad_request() {
     let s = spawn_server().await;
     let (a, b) = healthy_pair(&s).await;
     let mut raw = Raw::connect(&s).await;
-    for garbage in [json!("just a string"), json!({"rid": 5, "op": "no_such_op"}), json!({"rid": 6, "op": "hello", "version": "one"}), json!([1, 2, 3])] {
+    for garbage in [
+        json!("just a string"),
+        json!({"rid": 5, "op": "no_such_op"}),
+        json!({"rid": 6, "op": "hello", "version": "one"}),
+        json!([1, 2, 3]),
+    ] {
         raw.emit("p2p:req", garbage.clone()).await;
         let res = raw.expect("p2p:res").await;
         assert_eq!(code(&res), "BadRequest", "{garbage} -> {res}");
@@ -70,17 +83,21 @@ async fn requests_before_hello_and_duplicate_hello() {
     let s = spawn_server().await;
     let (a, b) = healthy_pair(&s).await;
     let mut raw = Raw::connect(&s).await;
-    raw.emit("p2p:req", json!({"rid": 1, "op": "join", "room": "ok"})).await;
+    raw.emit("p2p:req", json!({"rid": 1, "op": "join", "room": "ok"}))
+        .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "NotRegistered");
     raw.emit_bin("p2p:f", frame(a.id(), "", "hi")).await;
     assert_eq!(code(&raw.expect("p2p:error").await), "NotRegistered");
     raw.hello(None, &["ok"]).await;
-    raw.emit("p2p:req", json!({"rid": 2, "op": "hello", "version": 1})).await;
+    raw.emit("p2p:req", json!({"rid": 2, "op": "hello", "version": 1}))
+        .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "AlreadyRegistered");
-    raw.emit("p2p:req", json!({"rid": 3, "op": "hello", "version": 99})).await;
+    raw.emit("p2p:req", json!({"rid": 3, "op": "hello", "version": 99}))
+        .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "AlreadyRegistered");
     let mut raw2 = Raw::connect(&s).await;
-    raw2.emit("p2p:req", json!({"rid": 1, "op": "hello", "version": 99})).await;
+    raw2.emit("p2p:req", json!({"rid": 1, "op": "hello", "version": 99}))
+        .await;
     assert_eq!(code(&raw2.expect("p2p:res").await), "Unsupported");
     still_works(&a, &b).await;
 }
@@ -92,10 +109,18 @@ async fn duplicate_uid_is_refused() {
     let mut r1 = Raw::connect(&s).await;
     r1.hello(Some("same"), &[]).await;
     let mut r2 = Raw::connect(&s).await;
-    r2.emit("p2p:req", json!({"rid": 1, "op": "hello", "version": 1, "uid": "same"})).await;
+    r2.emit(
+        "p2p:req",
+        json!({"rid": 1, "op": "hello", "version": 1, "uid": "same"}),
+    )
+    .await;
     assert_eq!(code(&r2.expect("p2p:res").await), "UidTaken");
     // r2 can retry with another uid.
-    r2.emit("p2p:req", json!({"rid": 2, "op": "hello", "version": 1, "uid": "other"})).await;
+    r2.emit(
+        "p2p:req",
+        json!({"rid": 2, "op": "hello", "version": 1, "uid": "other"}),
+    )
+    .await;
     assert!(r2.expect("p2p:res").await.get("ok").is_some());
     still_works(&a, &b).await;
 }
@@ -115,11 +140,20 @@ async fn unknown_targets_and_rooms() {
         assert_eq!(e["to"].as_str(), Some(target));
         assert_eq!(e["seq"].as_u64(), Some(1));
     }
-    raw.emit("p2p:req", json!({"rid": 9, "op": "leave", "room": "never-joined"})).await;
+    raw.emit(
+        "p2p:req",
+        json!({"rid": 9, "op": "leave", "room": "never-joined"}),
+    )
+    .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "UnknownRoom");
-    raw.emit("p2p:req", json!({"rid": 10, "op": "peers", "room": "never-joined"})).await;
+    raw.emit(
+        "p2p:req",
+        json!({"rid": 10, "op": "peers", "room": "never-joined"}),
+    )
+    .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "UnknownRoom");
-    raw.emit("p2p:req", json!({"rid": 11, "op": "join", "room": ""})).await;
+    raw.emit("p2p:req", json!({"rid": 11, "op": "join", "room": ""}))
+        .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "BadRequest");
     still_works(&a, &b).await;
 }
@@ -130,7 +164,13 @@ async fn garbage_frames_and_oversized_frames() {
     let (a, b) = healthy_pair(&s).await;
     let mut raw = Raw::connect(&s).await;
     raw.hello(None, &["ok"]).await;
-    for garbage in [vec![], vec![0xff; 10], vec![1, 9, 0, 0, 0, 0], vec![1, 1, 0, 200, b'x'], vec![0x1e, 1, 2]] {
+    for garbage in [
+        vec![],
+        vec![0xff; 10],
+        vec![1, 9, 0, 0, 0, 0],
+        vec![1, 1, 0, 200, b'x'],
+        vec![0x1e, 1, 2],
+    ] {
         raw.emit_bin("p2p:f", garbage.clone()).await;
         let e = raw.expect("p2p:error").await;
         assert_eq!(code(&e), "BadRequest", "{garbage:?} -> {e}");
@@ -171,18 +211,32 @@ async fn bad_signals_are_refused() {
     let cases = [
         (json!({"type": "offer", "sdp": "garbage"}), "BadSignal"),
         (json!({"type": "answer", "sdp": "v=0\r\n"}), "BadSignal"),
-        (json!({"type": "candidate", "candidate": "rm -rf /"}), "BadSignal"),
-        (json!({"type": "offer", "sdp": format!("v=0\r\n{}", "a".repeat(70_000))}), "BadSignal"),
+        (
+            json!({"type": "candidate", "candidate": "rm -rf /"}),
+            "BadSignal",
+        ),
+        (
+            json!({"type": "offer", "sdp": format!("v=0\r\n{}", "a".repeat(70_000))}),
+            "BadSignal",
+        ),
         (json!({"type": "dance"}), "BadRequest"),
     ];
     for (i, (signal, want)) in cases.into_iter().enumerate() {
-        raw.emit("p2p:req", json!({"rid": 100 + i, "op": "signal", "to": a.id(), "signal": signal})).await;
+        raw.emit(
+            "p2p:req",
+            json!({"rid": 100 + i, "op": "signal", "to": a.id(), "signal": signal}),
+        )
+        .await;
         let res = raw.expect("p2p:res").await;
         assert_eq!(code(&res), want, "{res}");
     }
     // To a peer outside our rooms.
     let outsider = peer(&s, relay_opts().room("elsewhere")).await;
-    raw.emit("p2p:req", json!({"rid": 200, "op": "signal", "to": outsider.id(), "signal": {"type": "request"}})).await;
+    raw.emit(
+        "p2p:req",
+        json!({"rid": 200, "op": "signal", "to": outsider.id(), "signal": {"type": "request"}}),
+    )
+    .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "UnknownPeer");
     still_works(&a, &b).await;
 }
@@ -192,13 +246,18 @@ async fn unknown_events_and_request_floods() {
     let s = spawn_server_with(SignalingOptions::default().request_rate(50, 100)).await;
     let (a, b) = healthy_pair(&s).await;
     let mut raw = Raw::connect(&s).await;
-    raw.emit("chat", json!("apps cannot use the server directly")).await;
+    raw.emit("chat", json!("apps cannot use the server directly"))
+        .await;
     let e = raw.expect("p2p:error").await;
     assert_eq!(code(&e), "UnknownEvent");
     assert_eq!(e["event"].as_str(), Some("chat"));
     raw.hello(None, &["ok"]).await;
     for i in 0..400 {
-        raw.emit("p2p:req", json!({"rid": 1000 + i, "op": "peers", "room": "ok"})).await;
+        raw.emit(
+            "p2p:req",
+            json!({"rid": 1000 + i, "op": "peers", "room": "ok"}),
+        )
+        .await;
     }
     let mut limited = 0;
     let mut ok = 0;
@@ -214,7 +273,8 @@ async fn unknown_events_and_request_floods() {
     assert!(ok >= 100, "the burst allowance must be served ({ok})");
     // The flooder recovers once it slows down.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    raw.emit("p2p:req", json!({"rid": 5000, "op": "peers", "room": "ok"})).await;
+    raw.emit("p2p:req", json!({"rid": 5000, "op": "peers", "room": "ok"}))
+        .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "");
     still_works(&a, &b).await;
 }

@@ -32,11 +32,16 @@ async fn two_peers_chat_json_and_binary() {
     let mut got = collect(&b, "chat");
     let mut bin = collect(&b, "blob");
     a.emit("chat", json!({"text": "hi", "n": 1})).await.unwrap();
-    a.emit("blob", Bytes::from_static(b"\x00\x01\x02")).await.unwrap();
+    a.emit("blob", Bytes::from_static(b"\x00\x01\x02"))
+        .await
+        .unwrap();
     let ev = recv(&mut got, 10).await;
     assert_eq!(ev.from(), a.id());
     assert_eq!(ev.transport(), Transport::Relay);
-    assert_eq!(ev.json::<serde_json::Value>().unwrap(), json!({"text": "hi", "n": 1}));
+    assert_eq!(
+        ev.json::<serde_json::Value>().unwrap(),
+        json!({"text": "hi", "n": 1})
+    );
     let ev = recv(&mut bin, 10).await;
     assert_eq!(ev.bytes().unwrap().as_ref(), b"\x00\x01\x02");
     assert_eq!(a.transport(b.id()).await.unwrap(), Transport::Relay);
@@ -54,8 +59,14 @@ async fn targeted_send_reaches_only_its_target() {
     a.to(c.id()).emit("x", "for c").await.unwrap();
     a.emit("x", "for all").await.unwrap();
     assert_eq!(recv(&mut at_c, 10).await.json::<String>().unwrap(), "for c");
-    assert_eq!(recv(&mut at_c, 10).await.json::<String>().unwrap(), "for all");
-    assert_eq!(recv(&mut at_b, 10).await.json::<String>().unwrap(), "for all");
+    assert_eq!(
+        recv(&mut at_c, 10).await.json::<String>().unwrap(),
+        "for all"
+    );
+    assert_eq!(
+        recv(&mut at_b, 10).await.json::<String>().unwrap(),
+        "for all"
+    );
     assert!(at_b.try_recv().is_err(), "b got c's message");
     let err = a.to("nobody").emit("x", 1.to_string()).await.unwrap_err();
     assert!(matches!(err, Error::PeerOffline(_)), "{err:?}");
@@ -71,7 +82,11 @@ async fn acks_reply_timeout_no_handler_and_peer_offline() {
         let n: i64 = ev.json().unwrap_or(0);
         ev.reply(json!(n * 2));
     });
-    let r = a.to(b.id()).emit_with_ack("double", json!(21)).await.unwrap();
+    let r = a
+        .to(b.id())
+        .emit_with_ack("double", json!(21))
+        .await
+        .unwrap();
     assert_eq!(r, Payload::Json(json!(42)));
     // Binary reply.
     b.on("bin", |ev| {
@@ -79,11 +94,22 @@ async fn acks_reply_timeout_no_handler_and_peer_offline() {
         v.reverse();
         ev.reply(Bytes::from(v));
     });
-    let r = a.to(b.id()).emit_with_ack("bin", Bytes::from_static(b"abc")).await.unwrap();
+    let r = a
+        .to(b.id())
+        .emit_with_ack("bin", Bytes::from_static(b"abc"))
+        .await
+        .unwrap();
     assert_eq!(r.as_bytes().unwrap().as_ref(), b"cba");
     // No handler: a typed remote error at once.
-    let e = a.to(b.id()).emit_with_ack("nobody-listens", ()).await.unwrap_err();
-    assert!(matches!(&e, Error::Remote { code, .. } if code == "NoHandler"), "{e:?}");
+    let e = a
+        .to(b.id())
+        .emit_with_ack("nobody-listens", ())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Remote { code, .. } if code == "NoHandler"),
+        "{e:?}"
+    );
     // A handler that keeps the event and never replies: timeout.
     let (keep_tx, mut keep_rx) = mpsc::unbounded_channel();
     b.on("slow", move |ev| {
@@ -95,7 +121,10 @@ async fn acks_reply_timeout_no_handler_and_peer_offline() {
     // A handler that drops the event without replying: NoReply at once.
     b.on("drop", |_ev| {});
     let e = a.to(b.id()).emit_with_ack("drop", ()).await.unwrap_err();
-    assert!(matches!(&e, Error::Remote { code, .. } if code == "NoReply"), "{e:?}");
+    assert!(
+        matches!(&e, Error::Remote { code, .. } if code == "NoReply"),
+        "{e:?}"
+    );
     // Pending ack to a peer that disconnects fails with PeerOffline well before its timeout.
     let a2 = peer(&s, relay_opts().ack_timeout(Duration::from_secs(30))).await;
     wait_peers(&a2, 2).await;
@@ -121,15 +150,29 @@ async fn large_binary_is_split_and_reassembled() {
     let b = peer(&s, relay_opts()).await;
     wait_peers(&a, 1).await;
     let mut got = collect(&b, "big");
-    let data: Vec<u8> = (0..5 * 1024 * 1024 + 123).map(|i| (i * 7 % 256) as u8).collect();
+    let data: Vec<u8> = (0..5 * 1024 * 1024 + 123)
+        .map(|i| (i * 7 % 256) as u8)
+        .collect();
     a.emit("big", Bytes::from(data.clone())).await.unwrap();
     let ev = recv(&mut got, 30).await;
     assert_eq!(ev.bytes().unwrap().len(), data.len());
     assert!(ev.bytes().unwrap().as_ref() == data.as_slice());
     // Larger than the sender's limit: typed error, nothing sent.
     let small = peer(&s, relay_opts().max_message_size(1000)).await;
-    let e = small.emit("big", Bytes::from(vec![0u8; 2000])).await.unwrap_err();
-    assert!(matches!(e, Error::PayloadTooLarge { size: 2000, max: 1000 }), "{e:?}");
+    let e = small
+        .emit("big", Bytes::from(vec![0u8; 2000]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::PayloadTooLarge {
+                size: 2000,
+                max: 1000
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,7 +205,10 @@ async fn from_on_any_once_off_and_streams() {
     assert_eq!(recv(&mut from_a, 10).await, "from a");
     let mut seen = Vec::new();
     for _ in 0..2 {
-        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
         seen.push(ev.json::<String>().unwrap());
     }
     seen.sort();
@@ -183,7 +229,9 @@ async fn uid_is_unique_and_freed_on_disconnect() {
     let s = spawn_server().await;
     let a = peer(&s, relay_opts().uid("alice")).await;
     assert_eq!(a.uid(), Some("alice"));
-    let e = P2p::connect(&s.url(), relay_opts().uid("alice")).await.unwrap_err();
+    let e = P2p::connect(&s.url(), relay_opts().uid("alice"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::UidTaken(_)), "{e:?}");
     a.close().await;
     assert!(
@@ -199,7 +247,9 @@ async fn pairing_by_uid_like_socket_io_bridge() {
     let s = spawn_server().await;
     // The side with peer_uid starts first and waits for the other.
     let url = s.url();
-    let a = tokio::spawn(async move { P2p::connect(&url, relay_opts().uid("c1").peer_uid("c2")).await });
+    let a = tokio::spawn(
+        async move { P2p::connect(&url, relay_opts().uid("c1").peer_uid("c2")).await },
+    );
     tokio::time::sleep(Duration::from_millis(200)).await; // let c1 wait for real (not a sync wait)
     let b = peer(&s, relay_opts().uid("c2")).await;
     let a = a.await.unwrap().unwrap();
@@ -213,7 +263,11 @@ async fn pairing_by_uid_like_socket_io_bridge() {
     b.on("event2", |ev| {
         ev.reply("confirmed");
     });
-    let r = a.to(&peers[0].id).emit_with_ack("event2", "hello").await.unwrap();
+    let r = a
+        .to(&peers[0].id)
+        .emit_with_ack("event2", "hello")
+        .await
+        .unwrap();
     assert_eq!(r, Payload::from("confirmed"));
     // A pair is private: a third peer in the default room cannot reach them.
     let c = peer(&s, relay_opts()).await;
@@ -241,9 +295,15 @@ async fn pairing_by_uid_like_socket_io_bridge() {
 async fn pairing_with_an_absent_peer_fails_with_peer_offline() {
     let s = spawn_server().await;
     let t = std::time::Instant::now();
-    let e = P2p::connect(&s.url(), relay_opts().uid("lonely").peer_uid("ghost").pair_timeout(Duration::from_millis(500)))
-        .await
-        .unwrap_err();
+    let e = P2p::connect(
+        &s.url(),
+        relay_opts()
+            .uid("lonely")
+            .peer_uid("ghost")
+            .pair_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, Error::PeerOffline(_)), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(5));
     // The uid is free again.
@@ -258,46 +318,80 @@ async fn rooms_scope_events_and_presence() {
     let b = peer(&s, relay_opts().room("r1")).await;
     let c = peer(&s, relay_opts().room("r2")).await;
     // a sees b join r1.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), pe.next()).await.unwrap().unwrap() {
-            PeerEvent::Joined { room, peer } => {
-                assert_eq!(room, "r1");
-                assert_eq!(peer.id, b.id());
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
+    match tokio::time::timeout(Duration::from_secs(10), pe.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        PeerEvent::Joined { room, peer } => {
+            assert_eq!(room, "r1");
+            assert_eq!(peer.id, b.id());
         }
+        other => panic!("unexpected {other:?}"),
     }
     assert_eq!(a.room_peers("r1").await.unwrap().len(), 1);
-    assert!(matches!(a.room_peers("r2").await, Err(Error::Rejected { .. })));
+    assert!(matches!(
+        a.room_peers("r2").await,
+        Err(Error::Rejected { .. })
+    ));
     let mut at_c = collect(&c, "m");
     a.emit("m", "r1 only").await.unwrap();
     // c joins r1 and then gets a's messages.
     let others = c.join("r1").await.unwrap();
     assert_eq!(others.len(), 2);
     loop {
-        if let PeerEvent::Joined { peer, .. } = tokio::time::timeout(Duration::from_secs(10), pe.next()).await.unwrap().unwrap() {
+        if let PeerEvent::Joined { peer, .. } =
+            tokio::time::timeout(Duration::from_secs(10), pe.next())
+                .await
+                .unwrap()
+                .unwrap()
+        {
             assert_eq!(peer.id, c.id());
             break;
         }
     }
     a.emit("m", "now c too").await.unwrap();
-    assert_eq!(recv(&mut at_c, 10).await.json::<String>().unwrap(), "now c too");
+    assert_eq!(
+        recv(&mut at_c, 10).await.json::<String>().unwrap(),
+        "now c too"
+    );
     // b leaves: a is told; b no longer reachable.
     b.leave("r1").await.unwrap();
     loop {
-        if let PeerEvent::Left { peer, room } = tokio::time::timeout(Duration::from_secs(10), pe.next()).await.unwrap().unwrap() {
+        if let PeerEvent::Left { peer, room } =
+            tokio::time::timeout(Duration::from_secs(10), pe.next())
+                .await
+                .unwrap()
+                .unwrap()
+        {
             assert_eq!((peer.id.as_str(), room.as_str()), (b.id(), "r1"));
             break;
         }
     }
-    assert!(matches!(a.to(b.id()).emit("m", "x").await, Err(Error::PeerOffline(_))));
+    assert!(matches!(
+        a.to(b.id()).emit("m", "x").await,
+        Err(Error::PeerOffline(_))
+    ));
     let e = b.leave("r1").await.unwrap_err();
-    assert!(matches!(e, Error::Rejected { code: socketio_p2p::ErrorCode::UnknownRoom, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::Rejected {
+                code: socketio_p2p::ErrorCode::UnknownRoom,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // c disconnects: a is told.
     c.close().await;
     loop {
-        if let PeerEvent::Disconnected { peer } = tokio::time::timeout(Duration::from_secs(10), pe.next()).await.unwrap().unwrap() {
+        if let PeerEvent::Disconnected { peer } =
+            tokio::time::timeout(Duration::from_secs(10), pe.next())
+                .await
+                .unwrap()
+                .unwrap()
+        {
             assert_eq!(peer.id, c.id());
             break;
         }
@@ -354,7 +448,10 @@ async fn slow_receiver_slows_the_sender_without_loss() {
         }
     });
     for i in 0..N {
-        let ev = tokio::time::timeout(Duration::from_secs(30), stream.next()).await.unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(ev.json::<u64>().unwrap(), i);
         if i % 100 == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await; // a slow reader, on purpose
@@ -373,8 +470,13 @@ async fn auth_hook_rejects_with_a_reason() {
         }
     }))
     .await;
-    let e = P2p::connect(&s.url(), relay_opts().auth(json!({"token": "nope"}))).await.unwrap_err();
-    assert!(matches!(&e, Error::Rejected { message, .. } if message.contains("bad token")), "{e:?}");
+    let e = P2p::connect(&s.url(), relay_opts().auth(json!({"token": "nope"})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Rejected { message, .. } if message.contains("bad token")),
+        "{e:?}"
+    );
     let ok = peer(&s, relay_opts().auth(json!({"token": "secret"}))).await;
     assert!(!ok.id().is_empty());
 }

@@ -30,21 +30,38 @@ async fn battery(a: &P2p, b: &P2p, t: Transport) {
     let ev = recv(&mut rx, 10).await;
     assert_eq!(ev.transport(), t);
     assert_eq!(ev.from(), a.id());
-    assert_eq!(ev.json::<serde_json::Value>().unwrap(), json!({"k": [1, 2, 3]}));
+    assert_eq!(
+        ev.json::<serde_json::Value>().unwrap(),
+        json!({"k": [1, 2, 3]})
+    );
     let big: Vec<u8> = (0..3 * 1024 * 1024 + 5).map(|i| (i % 253) as u8).collect();
-    a.to(b.id()).emit("m", Bytes::from(big.clone())).await.unwrap();
+    a.to(b.id())
+        .emit("m", Bytes::from(big.clone()))
+        .await
+        .unwrap();
     let ev = recv(&mut rx, 30).await;
     assert_eq!(ev.transport(), t);
     assert!(ev.bytes().unwrap().as_ref() == big.as_slice());
     b.on("echo", |ev| {
         ev.reply(ev.payload().clone());
     });
-    let r = a.to(b.id()).emit_with_ack("echo", Bytes::from_static(b"bin")).await.unwrap();
+    let r = a
+        .to(b.id())
+        .emit_with_ack("echo", Bytes::from_static(b"bin"))
+        .await
+        .unwrap();
     assert_eq!(r, Payload::Binary(Bytes::from_static(b"bin")));
-    let r = a.to(b.id()).emit_with_ack("echo", json!("txt")).await.unwrap();
+    let r = a
+        .to(b.id())
+        .emit_with_ack("echo", json!("txt"))
+        .await
+        .unwrap();
     assert_eq!(r, Payload::from("txt"));
     let e = a.to(b.id()).emit_with_ack("nobody", ()).await.unwrap_err();
-    assert!(matches!(&e, Error::Remote { code, .. } if code == "NoHandler"), "{e:?}");
+    assert!(
+        matches!(&e, Error::Remote { code, .. } if code == "NoHandler"),
+        "{e:?}"
+    );
     let (ftx, mut frx) = mpsc::unbounded_channel();
     b.from(a.id()).on("order", move |ev| {
         let _ = ftx.send(ev.json::<u64>().unwrap());
@@ -71,14 +88,15 @@ async fn same_api_over_relay_and_data_channel() {
     a.upgrade_peer(b.id()).await.unwrap();
     assert_eq!(a.transport(b.id()).await.unwrap(), Transport::DataChannel);
     wait_transport(&b, a.id(), Transport::DataChannel).await;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), pe.next()).await.unwrap().unwrap() {
-            PeerEvent::Upgraded { peer } => {
-                assert_eq!(peer, a.id());
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
+    match tokio::time::timeout(Duration::from_secs(10), pe.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        PeerEvent::Upgraded { peer } => {
+            assert_eq!(peer, a.id());
         }
+        other => panic!("unexpected {other:?}"),
     }
     battery(&a, &b, Transport::DataChannel).await;
     battery(&b, &a, Transport::DataChannel).await;
@@ -182,26 +200,38 @@ async fn ice_failure_falls_back_to_the_relay() {
     let s = spawn_server().await;
     let a = peer(&s, rtc_opts().upgrade_timeout(Duration::from_secs(3))).await;
     // b gathers no candidate at all: ICE cannot succeed, for real.
-    let b = peer(&s, rtc_opts().upgrade_timeout(Duration::from_secs(3)).block_all_candidates()).await;
+    let b = peer(
+        &s,
+        rtc_opts()
+            .upgrade_timeout(Duration::from_secs(3))
+            .block_all_candidates(),
+    )
+    .await;
     wait_peers(&a, 1).await;
     let mut pe = a.peer_events();
     let t = std::time::Instant::now();
     let e = a.upgrade_peer(b.id()).await.unwrap_err();
     assert!(matches!(e, Error::WebRtc(_)), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(10));
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), pe.next()).await.unwrap().unwrap() {
-            PeerEvent::UpgradeFailed { peer, reason } => {
-                assert_eq!(peer, b.id());
-                assert!(!reason.is_empty());
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
+    match tokio::time::timeout(Duration::from_secs(10), pe.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        PeerEvent::UpgradeFailed { peer, reason } => {
+            assert_eq!(peer, b.id());
+            assert!(!reason.is_empty());
         }
+        other => panic!("unexpected {other:?}"),
     }
     assert_eq!(a.transport(b.id()).await.unwrap(), Transport::Relay);
     battery(&a, &b, Transport::Relay).await;
-    assert!(wait_until(10, || async { a.webrtc_connections().await.unwrap() == 0 && b.webrtc_connections().await.unwrap() == 0 }).await);
+    assert!(
+        wait_until(10, || async {
+            a.webrtc_connections().await.unwrap() == 0 && b.webrtc_connections().await.unwrap() == 0
+        })
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +245,11 @@ async fn garbage_sdp_from_a_peer_is_its_error() {
     wait_peers(&a, 2).await;
     // Passes the server's shape check, but is not a usable SDP.
     let sdp = "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nthis is not sdp\r\n";
-    raw.emit("p2p:req", json!({"rid": 1, "op": "signal", "to": a.id(), "signal": {"type": "offer", "sdp": sdp}})).await;
+    raw.emit(
+        "p2p:req",
+        json!({"rid": 1, "op": "signal", "to": a.id(), "signal": {"type": "offer", "sdp": sdp}}),
+    )
+    .await;
     // a answers with a bye that says why; a and b keep working.
     let sig = raw.expect("p2p:sig").await;
     assert_eq!(sig["from"].as_str(), Some(a.id()));
@@ -235,7 +269,12 @@ async fn downgrade_and_upgrade_again() {
     let mut pe = a.peer_events();
     b.downgrade_peer(a.id()).unwrap();
     loop {
-        if let PeerEvent::Downgraded { peer, .. } = tokio::time::timeout(Duration::from_secs(10), pe.next()).await.unwrap().unwrap() {
+        if let PeerEvent::Downgraded { peer, .. } =
+            tokio::time::timeout(Duration::from_secs(10), pe.next())
+                .await
+                .unwrap()
+                .unwrap()
+        {
             assert_eq!(peer, b.id());
             break;
         }
@@ -257,7 +296,9 @@ async fn fifty_upgrade_leave_cycles_leak_nothing() {
     for i in 0..50 {
         let b = peer(&s, rtc_opts()).await;
         wait_peers(&a, 1).await;
-        a.upgrade_peer(b.id()).await.unwrap_or_else(|e| panic!("cycle {i}: {e}"));
+        a.upgrade_peer(b.id())
+            .await
+            .unwrap_or_else(|e| panic!("cycle {i}: {e}"));
         let (tx, mut rx) = mpsc::unbounded_channel();
         b.once("x", move |ev| {
             let _ = tx.send(ev.transport());
@@ -270,10 +311,20 @@ async fn fifty_upgrade_leave_cycles_leak_nothing() {
         assert!(wait_until(10, || async { a.webrtc_connections().await.unwrap() == 0 }).await);
     }
     assert!(
-        wait_until(20, || async { socketio_p2p::live_webrtc_connections() == 0 }).await,
+        wait_until(20, || async {
+            socketio_p2p::live_webrtc_connections() == 0
+        })
+        .await,
         "{} peer connections still alive",
         socketio_p2p::live_webrtc_connections()
     );
-    let settled = wait_until(20, || async { metrics.num_alive_tasks() <= tasks_before + 5 }).await;
-    assert!(settled, "tasks before {tasks_before}, after {}", metrics.num_alive_tasks());
+    let settled = wait_until(20, || async {
+        metrics.num_alive_tasks() <= tasks_before + 5
+    })
+    .await;
+    assert!(
+        settled,
+        "tasks before {tasks_before}, after {}",
+        metrics.num_alive_tasks()
+    );
 }

@@ -531,14 +531,20 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let body = prop_oneof![
-            (any::<u64>(), any::<bool>(), arb_msg())
-                .prop_map(|(seq, more, msg)| Body::Data { seq, more, msg }),
+            (any::<u64>(), any::<bool>(), arb_msg()).prop_map(|(seq, more, msg)| Body::Data {
+                seq,
+                more,
+                msg
+            }),
             arb_msg().prop_map(|msg| Body::Volatile { msg }),
             (any::<u64>(), any::<bool>()).prop_map(|(upto, nack)| Body::LinkAck { upto, nack }),
             (any::<u64>(), any::<bool>()).prop_map(|(nonce, pong)| Body::Ping { nonce, pong }),
         ];
-        ("[a-zA-Z0-9_-]{0,30}", "[a-zA-Z0-9_-]{0,30}", body)
-            .prop_map(|(to, from, body)| Frame { to, from, body })
+        ("[a-zA-Z0-9_-]{0,30}", "[a-zA-Z0-9_-]{0,30}", body).prop_map(|(to, from, body)| Frame {
+            to,
+            from,
+            body,
+        })
     }
 
     proptest! {

@@ -315,10 +315,15 @@ mod tests {
     fn request_json_shape() {
         let r = Request {
             rid: 3,
-            op: Op::Join { room: "lobby".into() },
+            op: Op::Join {
+                room: "lobby".into(),
+            },
         };
         let v = serde_json::to_value(&r).unwrap_or_default();
-        assert_eq!(v, serde_json::json!({"rid": 3, "op": "join", "room": "lobby"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"rid": 3, "op": "join", "room": "lobby"})
+        );
         let sig: Request = serde_json::from_value(serde_json::json!({
             "rid": 1, "op": "signal", "to": "abc",
             "signal": {"type": "candidate", "candidate": "candidate:1 1 udp 1 127.0.0.1 5000 typ host", "sdpMid": "0", "sdpMLineIndex": 0}
@@ -331,8 +336,23 @@ mod tests {
 
     #[test]
     fn validates_signals() {
-        assert!(Signal::Offer { sdp: "garbage".into() }.validate().is_err());
+        assert!(
+            Signal::Offer {
+                sdp: "garbage".into()
+            }
+            .validate()
+            .is_err()
+        );
         assert!(Signal::Offer { sdp: "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n".into() }.validate().is_ok());
-        assert!(Signal::Candidate { candidate: "hello".into(), sdp_mid: None, sdp_m_line_index: None, username_fragment: None }.validate().is_err());
+        assert!(
+            Signal::Candidate {
+                candidate: "hello".into(),
+                sdp_mid: None,
+                sdp_m_line_index: None,
+                username_fragment: None
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

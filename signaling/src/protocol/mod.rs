@@ -11,6 +11,6 @@ pub use codec::{
     relay_escape, relay_unescape, stamp_from,
 };
 pub use control::{
-    ErrorBody, ErrorCode, ErrorMsg, MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION,
-    PeerInfo, Presence, Request, Response, RoomPeers, Signal, SignalFrom, Welcome, events,
+    ErrorBody, ErrorCode, ErrorMsg, MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo,
+    Presence, Request, Response, RoomPeers, Signal, SignalFrom, Welcome, events,
 };

@@ -10,18 +10,20 @@ use bytes::Bytes;
 use serde_json::Value as Json;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
-use socketioxide_core::adapter::DefinedAdapter;
 use socketioxide::extract::{Event, SocketRef, TryData};
 use socketioxide::handler::{ConnectHandler, FromMessageParts};
 use socketioxide::socket::Socket;
 use socketioxide_core::Value;
+use socketioxide_core::adapter::DefinedAdapter;
 
 use crate::protocol::{
-    Body, ErrorBody, ErrorCode, ErrorMsg, Frame, Op, PROTOCOL_VERSION, PeerInfo, Presence,
-    Request, Response, RoomPeers, SignalFrom, Welcome, events, peek_route, relay_escape,
-    relay_unescape, stamp_from,
+    Body, ErrorBody, ErrorCode, ErrorMsg, Frame, Op, PROTOCOL_VERSION, PeerInfo, Presence, Request,
+    Response, RoomPeers, SignalFrom, Welcome, events, peek_route, relay_escape, relay_unescape,
+    stamp_from,
 };
-use state::{Conn, EmitFail, LocalUidRegistry, PeerSocket, PendingPair, State, TokenBucket, UidRegistry};
+use state::{
+    Conn, EmitFail, LocalUidRegistry, PeerSocket, PendingPair, State, TokenBucket, UidRegistry,
+};
 
 /// Decides whether a connection may join, from its Socket.IO connect `auth` payload
 /// (`null` when none was sent). `Err(reason)` refuses it: the client gets a Socket.IO
@@ -99,7 +101,10 @@ impl SignalingOptions {
         self
     }
     /// Accept or refuse connections from their connect `auth` payload.
-    pub fn auth(mut self, hook: impl Fn(&Json) -> Result<(), String> + Send + Sync + 'static) -> Self {
+    pub fn auth(
+        mut self,
+        hook: impl Fn(&Json) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
         self.auth = Some(Arc::new(hook));
         self
     }
@@ -132,7 +137,9 @@ pub struct P2pSignaling {
 
 impl std::fmt::Debug for P2pSignaling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("P2pSignaling").field("opts", &self.inner.opts).finish_non_exhaustive()
+        f.debug_struct("P2pSignaling")
+            .field("opts", &self.inner.opts)
+            .finish_non_exhaustive()
     }
 }
 
@@ -228,13 +235,19 @@ impl P2pSignaling {
     }
 
     /// Serves peers on namespace `path` (runs the auth hook, if any, at connect).
-    pub fn attach_to<A: Adapter + DefinedAdapter>(&self, io: &SocketIo<A>, path: &str) -> A::InitRes {
+    pub fn attach_to<A: Adapter + DefinedAdapter>(
+        &self,
+        io: &SocketIo<A>,
+        path: &str,
+    ) -> A::InitRes {
         // Registration runs in a connect middleware: middlewares finish before socketioxide
         // sends the CONNECT packet, so the protocol handlers exist before the client can send
         // anything (the connect handler itself runs in a task of its own, too late for that).
         let this = self.clone();
         let handler = async |_: SocketRef<A>| {};
-        let middleware = async move |s: SocketRef<A>, TryData(data): TryData<Json>| -> Result<(), AuthRejected> {
+        let middleware = async move |s: SocketRef<A>,
+                                     TryData(data): TryData<Json>|
+                    -> Result<(), AuthRejected> {
             if let Some(hook) = &this.inner.opts.auth {
                 let auth = data.unwrap_or(Json::Null);
                 hook(&auth).map_err(AuthRejected)?;
@@ -264,7 +277,11 @@ impl P2pSignaling {
         socket.on(events::REQUEST, async |_: RequestDone| {});
         socket.on(events::FRAME, async |_: FrameDone| {});
         socket.on_fallback(async |s: SocketRef<A>, Event(event): Event| {
-            let msg = error_event(ErrorCode::UnknownEvent, format!("unknown event {event:?}"), &event);
+            let msg = error_event(
+                ErrorCode::UnknownEvent,
+                format!("unknown event {event:?}"),
+                &event,
+            );
             let _ = s.emit(events::ERROR, &to_json(&msg));
         });
         let this = self.clone();
@@ -349,16 +366,30 @@ impl P2pSignaling {
                 .and_then(Json::as_u64)
                 .unwrap_or(0);
             if !conn.bucket.take(opts.request_rate, opts.request_burst) {
-                out.push(&me, events::RESPONSE, error_response(rid, ErrorCode::RateLimited, "too many requests"));
+                out.push(
+                    &me,
+                    events::RESPONSE,
+                    error_response(rid, ErrorCode::RateLimited, "too many requests"),
+                );
             } else {
-                let req = raw.and_then(|v| serde_json::from_value::<Request>(v).map_err(|e| e.to_string()));
+                let req = raw
+                    .and_then(|v| serde_json::from_value::<Request>(v).map_err(|e| e.to_string()));
                 match req {
-                    Err(e) => out.push(&me, events::RESPONSE, error_response(rid, ErrorCode::BadRequest, e)),
+                    Err(e) => out.push(
+                        &me,
+                        events::RESPONSE,
+                        error_response(rid, ErrorCode::BadRequest, e),
+                    ),
                     Ok(req) => {
-                        let reply = self.apply(&mut st, id, &me, req.rid, req.op, &mut out, &mut joined);
+                        let reply =
+                            self.apply(&mut st, id, &me, req.rid, req.op, &mut out, &mut joined);
                         if let Some(reply) = reply {
                             let resp = match reply {
-                                Ok(ok) => to_json(&Response { rid: req.rid, ok: Some(ok), error: None }),
+                                Ok(ok) => to_json(&Response {
+                                    rid: req.rid,
+                                    ok: Some(ok),
+                                    error: None,
+                                }),
                                 Err((code, msg)) => error_response(req.rid, code, msg),
                             };
                             out.push(&me, events::RESPONSE, resp);
@@ -377,7 +408,10 @@ impl P2pSignaling {
         if name.is_empty() || name.len() > self.inner.opts.max_name_len {
             return Err((
                 ErrorCode::BadRequest,
-                format!("{what} must be 1 to {} bytes long", self.inner.opts.max_name_len),
+                format!(
+                    "{what} must be 1 to {} bytes long",
+                    self.inner.opts.max_name_len
+                ),
             ));
         }
         Ok(())
@@ -398,25 +432,36 @@ impl P2pSignaling {
         let registered = st.conns.get(id).and_then(|c| c.info.clone());
         let my_info = match (&op, registered) {
             (Op::Hello { .. }, Some(_)) => {
-                return Some(Err((ErrorCode::AlreadyRegistered, "hello was already sent".into())));
+                return Some(Err((
+                    ErrorCode::AlreadyRegistered,
+                    "hello was already sent".into(),
+                )));
             }
-            (Op::Hello { .. }, None) => PeerInfo { id: id.to_owned(), uid: None },
+            (Op::Hello { .. }, None) => PeerInfo {
+                id: id.to_owned(),
+                uid: None,
+            },
             (_, None) => return Some(Err((ErrorCode::NotRegistered, "send hello first".into()))),
             (_, Some(info)) => info,
         };
         Some(match op {
-            Op::Hello { version, uid, rooms } => {
+            Op::Hello {
+                version,
+                uid,
+                rooms,
+            } => {
                 if version != PROTOCOL_VERSION {
                     return Some(Err((
                         ErrorCode::Unsupported,
-                        format!("protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"),
+                        format!(
+                            "protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})"
+                        ),
                     )));
                 }
-                if let Some(uid) = &uid {
-                    if let Err(e) = self.check_name("uid", uid) {
+                if let Some(uid) = &uid
+                    && let Err(e) = self.check_name("uid", uid) {
                         return Some(Err(e));
                     }
-                }
                 for r in &rooms {
                     if let Err(e) = self.check_name("room", r) {
                         return Some(Err(e));
@@ -425,12 +470,14 @@ impl P2pSignaling {
                 if rooms.len() > self.inner.opts.max_rooms_per_peer {
                     return Some(Err((ErrorCode::BadRequest, "too many rooms".into())));
                 }
-                if let Some(uid) = &uid {
-                    if let Err(code) = self.inner.uids.claim(uid, id) {
+                if let Some(uid) = &uid
+                    && let Err(code) = self.inner.uids.claim(uid, id) {
                         return Some(Err((code, format!("uid {uid:?} is held by another peer"))));
                     }
-                }
-                let info = PeerInfo { id: id.to_owned(), uid: uid.clone() };
+                let info = PeerInfo {
+                    id: id.to_owned(),
+                    uid: uid.clone(),
+                };
                 if let Some(c) = st.conns.get_mut(id) {
                     c.info = Some(info.clone());
                 }
@@ -442,15 +489,27 @@ impl P2pSignaling {
                 *joined = Some(info.clone());
                 // The welcome goes out before any `paired` it triggers: the peer must know its
                 // own id before it meets anyone.
-                let welcome = Welcome { id: id.to_owned(), uid: uid.clone(), rooms: room_peers, max_frame: self.inner.opts.max_frame };
-                out.push(me, events::RESPONSE, to_json(&Response { rid, ok: Some(to_json(&welcome)), error: None }));
-                if let Some(uid) = &uid {
-                    if let Some(waiting) = st.pending_pairs.remove(uid) {
+                let welcome = Welcome {
+                    id: id.to_owned(),
+                    uid: uid.clone(),
+                    rooms: room_peers,
+                    max_frame: self.inner.opts.max_frame,
+                };
+                out.push(
+                    me,
+                    events::RESPONSE,
+                    to_json(&Response {
+                        rid,
+                        ok: Some(to_json(&welcome)),
+                        error: None,
+                    }),
+                );
+                if let Some(uid) = &uid
+                    && let Some(waiting) = st.pending_pairs.remove(uid) {
                         for w in waiting {
                             self.make_pair(st, &w.requester, w.rid, id, out);
                         }
                     }
-                }
                 return None;
             }
             Op::Join { room } => {
@@ -467,7 +526,10 @@ impl P2pSignaling {
             Op::Leave { room } => {
                 let was_in = st.conns.get_mut(id).is_some_and(|c| c.rooms.remove(&room));
                 if !was_in {
-                    return Some(Err((ErrorCode::UnknownRoom, format!("not in room {room:?}"))));
+                    return Some(Err((
+                        ErrorCode::UnknownRoom,
+                        format!("not in room {room:?}"),
+                    )));
                 }
                 if let Some(members) = st.rooms.get_mut(&room) {
                     members.remove(id);
@@ -475,7 +537,10 @@ impl P2pSignaling {
                         st.rooms.remove(&room);
                     }
                 }
-                let msg = to_json(&Presence::Left { room: room.clone(), peer: my_info.clone() });
+                let msg = to_json(&Presence::Left {
+                    room: room.clone(),
+                    peer: my_info.clone(),
+                });
                 for p in st.room_peers(&room, id) {
                     if let Some(sock) = st.socket(&p.id) {
                         out.push(&sock, events::PRESENCE, msg.clone());
@@ -485,18 +550,32 @@ impl P2pSignaling {
             }
             Op::Peers { room } => {
                 if !st.conns.get(id).is_some_and(|c| c.rooms.contains(&room)) {
-                    return Some(Err((ErrorCode::UnknownRoom, format!("not in room {room:?}"))));
+                    return Some(Err((
+                        ErrorCode::UnknownRoom,
+                        format!("not in room {room:?}"),
+                    )));
                 }
                 Ok(to_json(&st.room_peers(&room, id)))
             }
-            Op::Pair { peer_uid, timeout_ms } => {
+            Op::Pair {
+                peer_uid,
+                timeout_ms,
+            } => {
                 if let Err(e) = self.check_name("peer_uid", &peer_uid) {
                     return Some(Err(e));
                 }
                 if my_info.uid.as_deref() == Some(peer_uid.as_str()) {
-                    return Some(Err((ErrorCode::BadRequest, "cannot pair with yourself".into())));
+                    return Some(Err((
+                        ErrorCode::BadRequest,
+                        "cannot pair with yourself".into(),
+                    )));
                 }
-                match self.inner.uids.holder(&peer_uid).filter(|h| st.conns.contains_key(h)) {
+                match self
+                    .inner
+                    .uids
+                    .holder(&peer_uid)
+                    .filter(|h| st.conns.contains_key(h))
+                {
                     Some(target) => {
                         self.make_pair(st, id, rid, &target, out);
                         return None;
@@ -508,11 +587,14 @@ impl P2pSignaling {
                             .min(self.inner.opts.max_pair_timeout);
                         st.next_token += 1;
                         let token = st.next_token;
-                        st.pending_pairs.entry(peer_uid.clone()).or_default().push(PendingPair {
-                            requester: id.to_owned(),
-                            rid,
-                            token,
-                        });
+                        st.pending_pairs
+                            .entry(peer_uid.clone())
+                            .or_default()
+                            .push(PendingPair {
+                                requester: id.to_owned(),
+                                rid,
+                                token,
+                            });
                         let this = self.clone();
                         let me = me.clone();
                         tokio::spawn(async move {
@@ -531,7 +613,11 @@ impl P2pSignaling {
                                 found
                             };
                             if expired {
-                                let msg = error_response(rid, ErrorCode::PeerOffline, format!("no peer with uid {peer_uid:?} showed up in {wait:?}"));
+                                let msg = error_response(
+                                    rid,
+                                    ErrorCode::PeerOffline,
+                                    format!("no peer with uid {peer_uid:?} showed up in {wait:?}"),
+                                );
                                 let _ = me.emit_json(events::RESPONSE, &msg);
                             }
                         });
@@ -544,22 +630,48 @@ impl P2pSignaling {
                     return Some(Err((ErrorCode::BadSignal, e)));
                 }
                 if to == id || !st.share_scope(id, &to) {
-                    return Some(Err((ErrorCode::UnknownPeer, format!("no peer {to:?} in your rooms or pairs"))));
+                    return Some(Err((
+                        ErrorCode::UnknownPeer,
+                        format!("no peer {to:?} in your rooms or pairs"),
+                    )));
                 }
                 if let Some(sock) = st.socket(&to) {
-                    out.push(&sock, events::SIGNAL, to_json(&SignalFrom { from: id.to_owned(), signal }));
+                    out.push(
+                        &sock,
+                        events::SIGNAL,
+                        to_json(&SignalFrom {
+                            from: id.to_owned(),
+                            signal,
+                        }),
+                    );
                 }
                 Ok(Json::Null)
             }
         })
     }
 
-    fn join_room(&self, st: &mut State, id: &str, info: &PeerInfo, room: &str, out: &mut Outbox) -> Vec<PeerInfo> {
-        let newly = st.conns.get_mut(id).is_some_and(|c| c.rooms.insert(room.to_owned()));
-        st.rooms.entry(room.to_owned()).or_default().insert(id.to_owned());
+    fn join_room(
+        &self,
+        st: &mut State,
+        id: &str,
+        info: &PeerInfo,
+        room: &str,
+        out: &mut Outbox,
+    ) -> Vec<PeerInfo> {
+        let newly = st
+            .conns
+            .get_mut(id)
+            .is_some_and(|c| c.rooms.insert(room.to_owned()));
+        st.rooms
+            .entry(room.to_owned())
+            .or_default()
+            .insert(id.to_owned());
         let peers = st.room_peers(room, id);
         if newly {
-            let msg = to_json(&Presence::Joined { room: room.to_owned(), peer: info.clone() });
+            let msg = to_json(&Presence::Joined {
+                room: room.to_owned(),
+                peer: info.clone(),
+            });
             for p in &peers {
                 if let Some(sock) = st.socket(&p.id) {
                     out.push(&sock, events::PRESENCE, msg.clone());
@@ -583,11 +695,27 @@ impl P2pSignaling {
             c.pairs.insert(a.to_owned());
         }
         if let Some(sa) = st.socket(a) {
-            out.push(&sa, events::RESPONSE, to_json(&Response { rid, ok: Some(to_json(&ib)), error: None }));
-            out.push(&sa, events::PRESENCE, to_json(&Presence::Paired { peer: ib }));
+            out.push(
+                &sa,
+                events::RESPONSE,
+                to_json(&Response {
+                    rid,
+                    ok: Some(to_json(&ib)),
+                    error: None,
+                }),
+            );
+            out.push(
+                &sa,
+                events::PRESENCE,
+                to_json(&Presence::Paired { peer: ib }),
+            );
         }
         if let Some(sb) = st.socket(b) {
-            out.push(&sb, events::PRESENCE, to_json(&Presence::Paired { peer: ia }));
+            out.push(
+                &sb,
+                events::PRESENCE,
+                to_json(&Presence::Paired { peer: ia }),
+            );
         }
     }
 
@@ -595,27 +723,51 @@ impl P2pSignaling {
         let frame = match data.map(|d| relay_unescape(&d).map_err(|e| e.to_string())) {
             Ok(Ok(f)) => f,
             Ok(Err(e)) => {
-                let msg = error_event(ErrorCode::BadRequest, format!("bad frame: {e}"), events::FRAME);
+                let msg = error_event(
+                    ErrorCode::BadRequest,
+                    format!("bad frame: {e}"),
+                    events::FRAME,
+                );
                 let _ = me.emit_json(events::ERROR, &to_json(&msg));
                 return;
             }
             Err(e) => {
-                let msg = error_event(ErrorCode::BadRequest, format!("p2p:f takes one binary frame: {e}"), events::FRAME);
+                let msg = error_event(
+                    ErrorCode::BadRequest,
+                    format!("p2p:f takes one binary frame: {e}"),
+                    events::FRAME,
+                );
                 let _ = me.emit_json(events::ERROR, &to_json(&msg));
                 return;
             }
         };
         let fail = |code: ErrorCode, message: String, to: Option<String>| {
             let seq = match Frame::decode(&frame) {
-                Ok(Frame { body: Body::Data { seq, .. }, .. }) => Some(seq),
+                Ok(Frame {
+                    body: Body::Data { seq, .. },
+                    ..
+                }) => Some(seq),
                 _ => None,
             };
-            let msg = ErrorMsg { error: ErrorBody { code, message }, event: Some(events::FRAME.to_owned()), to, seq };
+            let msg = ErrorMsg {
+                error: ErrorBody { code, message },
+                event: Some(events::FRAME.to_owned()),
+                to,
+                seq,
+            };
             let _ = me.emit_json(events::ERROR, &to_json(&msg));
         };
         if frame.len() > self.inner.opts.max_frame {
             let to = peek_route(&frame).ok().map(|r| r.to.to_owned());
-            return fail(ErrorCode::PayloadTooLarge, format!("frame of {} bytes, the server relays at most {}", frame.len(), self.inner.opts.max_frame), to);
+            return fail(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "frame of {} bytes, the server relays at most {}",
+                    frame.len(),
+                    self.inner.opts.max_frame
+                ),
+                to,
+            );
         }
         let route = match peek_route(&frame) {
             Ok(r) => r,
@@ -625,7 +777,11 @@ impl P2pSignaling {
             let st = self.lock();
             if st.conns.get(id).is_none_or(|c| c.info.is_none()) {
                 drop(st);
-                return fail(ErrorCode::NotRegistered, "send hello first".into(), Some(route.to.to_owned()));
+                return fail(
+                    ErrorCode::NotRegistered,
+                    "send hello first".into(),
+                    Some(route.to.to_owned()),
+                );
             }
             if route.to == id || !st.share_scope(id, route.to) {
                 None
@@ -634,7 +790,11 @@ impl P2pSignaling {
             }
         };
         let Some(target) = target else {
-            return fail(ErrorCode::UnknownPeer, format!("no peer {:?} in your rooms or pairs", route.to), Some(route.to.to_owned()));
+            return fail(
+                ErrorCode::UnknownPeer,
+                format!("no peer {:?} in your rooms or pairs", route.to),
+                Some(route.to.to_owned()),
+            );
         };
         let stamped = match stamp_from(&frame, &route, id) {
             Ok(b) => relay_escape(&b),
@@ -642,8 +802,16 @@ impl P2pSignaling {
         };
         match target.emit_bin(events::FRAME, stamped) {
             Ok(()) => {}
-            Err(EmitFail::Full) => fail(ErrorCode::Busy, "the target's buffer is full; resend later".into(), Some(route.to.to_owned())),
-            Err(EmitFail::Closed) => fail(ErrorCode::UnknownPeer, "the target is gone".into(), Some(route.to.to_owned())),
+            Err(EmitFail::Full) => fail(
+                ErrorCode::Busy,
+                "the target's buffer is full; resend later".into(),
+                Some(route.to.to_owned()),
+            ),
+            Err(EmitFail::Closed) => fail(
+                ErrorCode::UnknownPeer,
+                "the target is gone".into(),
+                Some(route.to.to_owned()),
+            ),
         }
     }
 }
@@ -660,7 +828,11 @@ fn signaling_of<A: Adapter>(s: &Arc<Socket<A>>) -> Option<P2pSignaling> {
 struct RequestDone;
 impl<A: Adapter> FromMessageParts<A> for RequestDone {
     type Error = Infallible;
-    fn from_message_parts(s: &Arc<Socket<A>>, v: &mut Value, ack: &Option<i64>) -> Result<Self, Infallible> {
+    fn from_message_parts(
+        s: &Arc<Socket<A>>,
+        v: &mut Value,
+        ack: &Option<i64>,
+    ) -> Result<Self, Infallible> {
         if let Some(sig) = signaling_of(s) {
             let TryData(data) = TryData::<Json>::from_message_parts(s, v, ack)?;
             sig.handle_request(&s.id.to_string(), data.map_err(|e| e.to_string()));
@@ -673,7 +845,11 @@ impl<A: Adapter> FromMessageParts<A> for RequestDone {
 struct FrameDone;
 impl<A: Adapter> FromMessageParts<A> for FrameDone {
     type Error = Infallible;
-    fn from_message_parts(s: &Arc<Socket<A>>, v: &mut Value, ack: &Option<i64>) -> Result<Self, Infallible> {
+    fn from_message_parts(
+        s: &Arc<Socket<A>>,
+        v: &mut Value,
+        ack: &Option<i64>,
+    ) -> Result<Self, Infallible> {
         if let Some(sig) = signaling_of(s) {
             let TryData(data) = TryData::<Bytes>::from_message_parts(s, v, ack)?;
             let me = SocketRef::from_message_parts(s, v, ack)?;
