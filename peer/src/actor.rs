@@ -55,6 +55,10 @@ pub(crate) enum Cmd {
     Downgrade {
         peer: String,
     },
+    /// Test hook: the data channel dies without a word to the peer.
+    Kill {
+        peer: String,
+    },
     Transport {
         peer: String,
         reply: oneshot::Sender<Result<Transport>>,
@@ -117,9 +121,24 @@ struct Peer {
     neg: Negotiation,
     rtc: Option<RtcSlot>,
     upgrade_waiters: Vec<oneshot::Sender<Result<()>>>,
+    /// Last time anything arrived on the data channel (liveness).
+    dc_seen: Instant,
+    /// Last time we pinged over the data channel.
+    dc_pinged: Instant,
+    /// When to try the upgrade again (auto_upgrade after a failure or a dead channel).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// Received messages waiting for room in the application's queue (`None`: nothing to
+    /// hand over, only the sequence number to acknowledge in order).
+    held: std::collections::VecDeque<(u64, Option<Event>)>,
 }
 
 impl Peer {
+    fn schedule_retry(&mut self, now: Instant, max: Duration) {
+        self.retry_at = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(max);
+    }
+
     fn transport(&self) -> Transport {
         match &self.rtc {
             Some(s) if s.open => Transport::DataChannel,
@@ -174,6 +193,8 @@ pub(crate) struct Actor {
     next_ack: u64,
     parked: Vec<(Vec<String>, oneshot::Sender<Result<()>>)>,
     dirty: HashSet<String>,
+    /// Messages held in all peers' `held` queues.
+    held_total: usize,
     ready: Option<Ready>,
     ready_deadline: Instant,
     /// The peer we paired with (socket.io-bridge mode); its disconnect closes us.
@@ -234,6 +255,7 @@ impl Actor {
             next_ack: 0,
             parked: Vec::new(),
             dirty: HashSet::new(),
+            held_total: 0,
             ready: Some(ready),
             ready_deadline,
             pair_peer: None,
@@ -247,8 +269,16 @@ impl Actor {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.stop {
+            let room = async {
+                if self.held_total > 0 {
+                    self.events.clone().reserve_owned().await.ok()
+                } else {
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 biased;
+                Some(permit) = room => self.release_held(permit).await,
                 Some(n) = self.net.recv() => self.on_net(n).await,
                 Some((key, ev)) = self.rtc_rx.recv() => self.on_rtc(key, ev).await,
                 Some(c) = self.replies.recv() => self.on_cmd(c).await,
@@ -307,6 +337,11 @@ impl Actor {
                 neg: Negotiation::new(&self.me.id, &info.id, self.opts.upgrade_timeout, now),
                 rtc: None,
                 upgrade_waiters: Vec::new(),
+                dc_seen: now,
+                dc_pinged: now,
+                retry_at: None,
+                backoff: self.opts.retry_backoff.0,
+                held: Default::default(),
             },
         );
         true
@@ -577,6 +612,7 @@ impl Actor {
         let Some(mut peer) = self.peers.remove(id) else {
             return;
         };
+        self.held_total -= peer.held.len();
         if let Some(slot) = peer.rtc.take() {
             self.close_rtc(slot);
         }
@@ -614,11 +650,6 @@ impl Actor {
         }
         match body {
             Body::Data { seq, more, msg } => {
-                if self.events.capacity() == 0 {
-                    // The application is behind: leave the frame unacknowledged; the sender
-                    // retransmits later (this is the receive side of flow control).
-                    return;
-                }
                 let Some(peer) = self.peers.get_mut(from) else {
                     return;
                 };
@@ -627,12 +658,14 @@ impl Actor {
                     self.send_ack(from, upto, nack).await;
                 }
                 if let Some(d) = delivered {
-                    self.deliver(from, d, via).await;
+                    let ev = self.deliver(from, d, via);
+                    self.hand_over(from, seq, ev).await;
                 }
             }
             Body::Volatile { msg } => {
-                if self.events.capacity() > 0 {
-                    self.deliver(from, Delivered::Msg(msg), via).await;
+                // Best effort: dropped when the application is behind.
+                if let Some(ev) = self.deliver(from, Delivered::Msg(msg), via) {
+                    let _ = self.events.try_send(ev);
                 }
             }
             Body::LinkAck { upto, nack } => {
@@ -655,7 +688,73 @@ impl Actor {
         }
     }
 
-    async fn deliver(&mut self, from: &str, d: Delivered, via: Transport) {
+    /// Hands a message that ended at `seq` to the application, in order: events wait in
+    /// the peer's `held` queue while the application's queue is full, and frames are only
+    /// acknowledged once taken, so a slow application holds its senders to one window.
+    async fn hand_over(&mut self, from: &str, seq: u64, ev: Option<Event>) {
+        let now = Instant::now();
+        let Some(peer) = self.peers.get_mut(from) else {
+            return;
+        };
+        let mut ack = None;
+        if peer.held.is_empty() {
+            match ev.map(|ev| self.events.try_send(ev)) {
+                None | Some(Ok(())) | Some(Err(mpsc::error::TrySendError::Closed(_))) => {
+                    ack = peer.link.consume(seq, now);
+                }
+                Some(Err(mpsc::error::TrySendError::Full(ev))) => {
+                    peer.held.push_back((seq, Some(ev)));
+                    self.held_total += 1;
+                }
+            }
+        } else {
+            peer.held.push_back((seq, ev));
+            self.held_total += 1;
+        }
+        if let Some((upto, nack)) = ack {
+            self.send_ack(from, upto, nack).await;
+        }
+    }
+
+    /// The application's queue has room again: release held events, oldest peer first.
+    async fn release_held(&mut self, permit: mpsc::OwnedPermit<Event>) {
+        let now = Instant::now();
+        let Some(id) = self
+            .peers
+            .iter()
+            .find(|(_, p)| !p.held.is_empty())
+            .map(|(id, _)| id.clone())
+        else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let mut permit = Some(permit);
+        let mut ack = None;
+        while let Some((seq, ev)) = peer.held.pop_front() {
+            if let Some(ev) = ev {
+                let sent = match permit.take() {
+                    Some(p) => {
+                        p.send(ev);
+                        Ok(())
+                    }
+                    None => self.events.try_send(ev),
+                };
+                if let Err(mpsc::error::TrySendError::Full(ev)) = sent {
+                    peer.held.push_front((seq, Some(ev)));
+                    break;
+                }
+            }
+            self.held_total -= 1;
+            ack = peer.link.consume(seq, now).or(ack);
+        }
+        if let Some((upto, nack)) = ack.or_else(|| peer.link.take_ack()) {
+            self.send_ack(&id, upto, nack).await;
+        }
+    }
+
+    fn deliver(&mut self, from: &str, d: Delivered, via: Transport) -> Option<Event> {
         let msg = match d {
             Delivered::Msg(m) => m,
             Delivered::TooLarge {
@@ -678,7 +777,7 @@ impl Actor {
                 if let Some(a) = failed_reply.and_then(|id| self.acks.remove(&id)) {
                     let _ = a.tx.send(Err(Error::PayloadTooLarge { size, max }));
                 }
-                return;
+                return None;
             }
         };
         match msg {
@@ -700,12 +799,10 @@ impl Actor {
                                 },
                             );
                         }
-                        return;
+                        return None;
                     }
                 };
-                let Some(peer) = self.peers.get(from) else {
-                    return;
-                };
+                let peer = self.peers.get(from)?;
                 let responder = ack_id.map(|ack_id| {
                     Arc::new(Responder {
                         cmds: self.replies_tx.clone(),
@@ -721,15 +818,14 @@ impl Actor {
                     transport: via,
                     responder,
                 };
-                if let Err(e) = self.events.try_send(ev) {
-                    tracing::warn!("event queue full, event dropped: {e}");
-                }
+                return Some(ev);
             }
             Msg::Reply { ack_id, payload } => {
                 if self.acks.get(&ack_id).is_some_and(|a| a.peer == from)
-                    && let Some(a) = self.acks.remove(&ack_id) {
-                        let _ = a.tx.send(Payload::from_wire(payload));
-                    }
+                    && let Some(a) = self.acks.remove(&ack_id)
+                {
+                    let _ = a.tx.send(Payload::from_wire(payload));
+                }
             }
             Msg::ReplyError {
                 ack_id,
@@ -737,12 +833,14 @@ impl Actor {
                 message,
             } => {
                 if self.acks.get(&ack_id).is_some_and(|a| a.peer == from)
-                    && let Some(a) = self.acks.remove(&ack_id) {
-                        let _ = a.tx.send(Err(Error::Remote { code, message }));
-                    }
+                    && let Some(a) = self.acks.remove(&ack_id)
+                {
+                    let _ = a.tx.send(Err(Error::Remote { code, message }));
+                }
             }
             Msg::Continuation { .. } => {}
         }
+        None
     }
 
     fn push_msg(&mut self, to: &str, msg: Msg) {
@@ -945,6 +1043,17 @@ impl Actor {
                 };
                 self.run_actions(&peer, acts).await;
             }
+            Cmd::Kill { peer } => {
+                let acts = match self.peers.get_mut(&peer) {
+                    Some(p) => p.neg.on_closed("data channel killed".into()),
+                    None => vec![],
+                };
+                let silent: Vec<Action> = acts
+                    .into_iter()
+                    .filter(|a| !matches!(a, Action::Send(_)))
+                    .collect();
+                self.run_actions(&peer, silent).await;
+            }
             Cmd::Transport { peer, reply } => {
                 let r = self
                     .peers
@@ -1005,15 +1114,16 @@ impl Actor {
         };
         if volatile {
             if let Msg::Event { payload, .. } = &msg
-                && payload.bytes().len() > CHUNK {
-                    return Some((
-                        done,
-                        Error::PayloadTooLarge {
-                            size: payload.bytes().len(),
-                            max: CHUNK,
-                        },
-                    ));
-                }
+                && payload.bytes().len() > CHUNK
+            {
+                return Some((
+                    done,
+                    Error::PayloadTooLarge {
+                        size: payload.bytes().len(),
+                        max: CHUNK,
+                    },
+                ));
+            }
             for t in &targets {
                 self.send_now(t, Body::Volatile { msg: msg.clone() }).await;
             }
@@ -1105,6 +1215,9 @@ impl Actor {
             return; // an old connection
         };
         let now = Instant::now();
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.dc_seen = now;
+        }
         match ev {
             RtcEvent::LocalCandidate(Some(c)) => {
                 let signal = Signal::Candidate {
@@ -1265,6 +1378,10 @@ impl Actor {
                             slot.open = true;
                         }
                         p.link.on_transport_change(now);
+                        p.dc_seen = now;
+                        p.dc_pinged = now;
+                        p.retry_at = None;
+                        p.backoff = self.opts.retry_backoff.0;
                         for w in p.upgrade_waiters.drain(..) {
                             let _ = w.send(Ok(()));
                         }
@@ -1276,8 +1393,12 @@ impl Actor {
                     Ok(())
                 }
                 Action::Downgraded(reason) => {
+                    let retry = self.opts.auto_upgrade && !reason.contains("application");
                     if let Some(p) = self.peers.get_mut(id) {
                         p.link.on_transport_change(now);
+                        if retry {
+                            p.schedule_retry(now, self.opts.retry_backoff.1);
+                        }
                         self.dirty.insert(id.to_owned());
                     }
                     self.peer_event(PeerEvent::Downgraded {
@@ -1287,7 +1408,11 @@ impl Actor {
                     Ok(())
                 }
                 Action::Failed(reason) => {
+                    let retry = self.opts.auto_upgrade && !reason.starts_with("busy");
                     if let Some(p) = self.peers.get_mut(id) {
+                        if retry {
+                            p.schedule_retry(now, self.opts.retry_backoff.1);
+                        }
                         for w in p.upgrade_waiters.drain(..) {
                             let _ = w.send(Err(Error::WebRtc(reason.clone())));
                         }
@@ -1317,6 +1442,8 @@ impl Actor {
         let now = Instant::now();
         let mut acks = Vec::new();
         let mut neg_actions = Vec::new();
+        let mut pings = Vec::new();
+        let mut retries = Vec::new();
         for (id, p) in self.peers.iter_mut() {
             let before = p.link.backlog();
             p.link.on_tick(now);
@@ -1326,9 +1453,41 @@ impl Actor {
             if let Some((upto, nack)) = p.link.ack_due(now) {
                 acks.push((id.clone(), upto, nack));
             }
-            let acts = p.neg.on_tick(now);
+            let mut acts = p.neg.on_tick(now);
+            if p.transport() == Transport::DataChannel {
+                let silent = now.duration_since(p.dc_seen);
+                if silent >= self.opts.dc_timeout {
+                    acts.extend(p.neg.on_closed(format!(
+                        "nothing received on the data channel for {silent:?}"
+                    )));
+                } else if now.duration_since(p.dc_pinged) >= self.opts.dc_timeout / 3
+                    && silent >= self.opts.dc_timeout / 3
+                {
+                    p.dc_pinged = now;
+                    pings.push(id.clone());
+                }
+            }
+            if p.retry_at.is_some_and(|t| t <= now) && !p.neg.active() {
+                p.retry_at = None;
+                retries.push(id.clone());
+            }
             if !acts.is_empty() {
                 neg_actions.push((id.clone(), acts));
+            }
+        }
+        for id in pings {
+            self.send_now(
+                &id,
+                Body::Ping {
+                    nonce: 0,
+                    pong: false,
+                },
+            )
+            .await;
+        }
+        if !retries.is_empty() && self.registered {
+            for id in retries {
+                self.start_upgrades(Some(id), None).await;
             }
         }
         for (id, upto, nack) in acks {
@@ -1393,9 +1552,10 @@ impl Actor {
             // Only close links here: no signals to a server we are leaving.
             for a in acts {
                 if a == Action::CloseLink
-                    && let Some(slot) = self.peers.get_mut(&id).and_then(|p| p.rtc.take()) {
-                        self.close_rtc(slot);
-                    }
+                    && let Some(slot) = self.peers.get_mut(&id).and_then(|p| p.rtc.take())
+                {
+                    self.close_rtc(slot);
+                }
             }
             self.remove_peer(&id, reason).await;
         }

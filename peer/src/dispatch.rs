@@ -164,9 +164,10 @@ async fn dispatch_event(registry: &Registry, ev: Event) {
 
 async fn dispatch_peer_event(registry: &Registry, pe: PeerEvent) {
     if let PeerEvent::Disconnected { peer } | PeerEvent::Left { peer, .. } = &pe
-        && matches!(pe, PeerEvent::Disconnected { .. }) {
-            registry.forget_peer(&peer.id);
-        }
+        && matches!(pe, PeerEvent::Disconnected { .. })
+    {
+        registry.forget_peer(&peer.id);
+    }
     let (handlers, streams) = {
         let mut h = registry.lock();
         h.peer_streams.retain(|s| !s.is_closed());

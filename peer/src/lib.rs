@@ -392,6 +392,15 @@ impl P2p {
         })
     }
 
+    /// Test hook: closes the data channel to `peer` abruptly, without telling the peer (as if
+    /// the path died). This side falls back to the relay at once; the peer notices by itself.
+    #[doc(hidden)]
+    pub fn kill_data_channel(&self, peer: &str) -> Result<()> {
+        self.send(Cmd::Kill {
+            peer: peer.to_owned(),
+        })
+    }
+
     /// The transport currently used with a peer.
     pub async fn transport(&self, peer: &str) -> Result<Transport> {
         self.call(|reply| Cmd::Transport {

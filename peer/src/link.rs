@@ -55,7 +55,11 @@ pub(crate) struct Link {
     // receive side
     expected: u64,
     partial: Option<Partial>,
-    unacked_recv: u64,
+    /// Highest seq whose message the application has taken: what we acknowledge. Frames
+    /// received but not yet taken are not acknowledged, so a slow application holds its
+    /// senders to one window.
+    consumed: u64,
+    ack_sent: u64,
     first_unacked_at: Option<Instant>,
     nacked_at: u64,
     max_message: usize,
@@ -74,7 +78,8 @@ impl Link {
             last_progress: now,
             expected: 1,
             partial: None,
-            unacked_recv: 0,
+            consumed: 0,
+            ack_sent: 0,
             first_unacked_at: None,
             nacked_at: 0,
             max_message,
@@ -181,7 +186,8 @@ impl Link {
     }
 
     /// A data frame arrived. Returns the complete message, if this frame completed one, and
-    /// whether an acknowledgement must be sent now (`Some((upto, nack))`).
+    /// an acknowledgement to send now (`Some((upto, nack))`). A returned message is not
+    /// acknowledged until the caller passes its `seq` to [`Link::consume`].
     pub(crate) fn on_data(
         &mut self,
         seq: u64,
@@ -190,27 +196,38 @@ impl Link {
         now: Instant,
     ) -> (Option<Delivered>, Option<(u64, bool)>) {
         if seq < self.expected {
-            // Duplicate (a retransmission after a lost ack): acknowledge again.
-            return (None, Some((self.expected - 1, false)));
+            // Duplicate (a retransmission after a lost or withheld ack): acknowledge again.
+            return (None, Some((self.consumed, false)));
         }
         if seq > self.expected {
             // Gap: ask for a resend once per gap position.
             if self.nacked_at != self.expected {
                 self.nacked_at = self.expected;
-                return (None, Some((self.expected - 1, true)));
+                return (None, Some((self.consumed, true)));
             }
             return (None, None);
         }
         self.expected += 1;
-        self.unacked_recv += 1;
+        match self.reassemble(more, msg) {
+            Some(d) => (Some(d), None),
+            // A fragment kept for reassembly (bounded by max_message) counts as taken.
+            None => (None, self.consume(seq, now)),
+        }
+    }
+
+    /// The application took the message that ended at `seq`. Returns an acknowledgement to
+    /// send now, if one is due.
+    pub(crate) fn consume(&mut self, seq: u64, now: Instant) -> Option<(u64, bool)> {
+        if seq <= self.consumed || seq >= self.expected {
+            return None;
+        }
+        self.consumed = seq;
         self.first_unacked_at.get_or_insert(now);
-        let delivered = self.reassemble(more, msg);
-        let ack = if self.unacked_recv >= (self.window / 4).max(1) {
+        if self.consumed - self.ack_sent >= (self.window / 4).max(1) {
             self.take_ack()
         } else {
             None
-        };
-        (delivered, ack)
+        }
     }
 
     /// Timer: a delayed acknowledgement is due.
@@ -221,14 +238,14 @@ impl Link {
         }
     }
 
-    /// Acknowledge everything received so far (used when an ack can ride along now).
+    /// Acknowledges everything taken so far.
     pub(crate) fn take_ack(&mut self) -> Option<(u64, bool)> {
-        if self.unacked_recv == 0 {
+        self.first_unacked_at = None;
+        if self.consumed <= self.ack_sent {
             return None;
         }
-        self.unacked_recv = 0;
-        self.first_unacked_at = None;
-        Some((self.expected - 1, false))
+        self.ack_sent = self.consumed;
+        Some((self.consumed, false))
     }
 
     fn reassemble(&mut self, more: bool, msg: Msg) -> Option<Delivered> {
@@ -417,6 +434,7 @@ mod tests {
                 let (d, ack) = b.on_data(seq, more, msg, now);
                 if let Some(Delivered::Msg(m)) = d {
                     got.push(m);
+                    acks.extend(b.consume(seq, now));
                 }
                 acks.extend(ack);
             }
@@ -472,6 +490,7 @@ mod tests {
         for f in out {
             let (seq, more, m) = data_of(&f);
             if let (Some(d), _) = b.on_data(seq, more, m, t0) {
+                b.consume(seq, t0);
                 got = Some(d);
             }
         }
@@ -509,6 +528,46 @@ mod tests {
             }
         ));
         assert_eq!(got[1], Delivered::Msg(ev(1)));
+    }
+
+    #[test]
+    fn unconsumed_messages_are_not_acknowledged() {
+        let t0 = Instant::now();
+        let mut a = Link::new("b", 8, 1 << 20, t0);
+        let mut b = Link::new("a", 8, 1 << 20, t0);
+        for i in 0..3 {
+            a.push(ev(i)).ok();
+        }
+        let mut out = Vec::new();
+        a.poll_transmit(&mut out);
+        let mut seqs = Vec::new();
+        for f in &out {
+            let (seq, more, m) = data_of(f);
+            let (d, ack) = b.on_data(seq, more, m, t0);
+            assert!(d.is_some() && ack.is_none());
+            seqs.push(seq);
+        }
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            b.ack_due(later),
+            None,
+            "nothing taken, nothing acknowledged"
+        );
+        // A retransmission of a held frame is acknowledged only up to what was taken.
+        let (seq, more, m) = data_of(&out[0]);
+        assert_eq!(b.on_data(seq, more, m, later).1, Some((0, false)));
+        assert_eq!(
+            b.consume(seqs[0], later),
+            None,
+            "delayed: below a quarter window"
+        );
+        assert_eq!(b.ack_due(later + Duration::from_secs(1)), Some((1, false)));
+        assert_eq!(b.consume(seqs[1], later), None);
+        assert_eq!(
+            b.consume(seqs[2], later),
+            Some((3, false)),
+            "a quarter window: at once"
+        );
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct P2pOptions {
     pub(crate) auto_upgrade: bool,
     pub(crate) num_clients: usize,
     pub(crate) upgrade_timeout: Duration,
+    pub(crate) dc_timeout: Duration,
+    pub(crate) retry_backoff: (Duration, Duration),
     pub(crate) ice_servers: Vec<IceServer>,
     pub(crate) trickle: bool,
     pub(crate) loopback_only: bool,
@@ -91,6 +93,8 @@ impl Default for P2pOptions {
             auto_upgrade: true,
             num_clients: 5,
             upgrade_timeout: Duration::from_secs(5),
+            dc_timeout: Duration::from_secs(3),
+            retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             ice_servers: vec![IceServer::stun("stun:stun.l.google.com:19302")],
             trickle: true,
             loopback_only: false,
@@ -164,6 +168,19 @@ impl P2pOptions {
     /// How long an upgrade may take before the peer stays on the relay (default 5 s).
     pub fn upgrade_timeout(mut self, d: Duration) -> Self {
         self.upgrade_timeout = d;
+        self
+    }
+    /// A data channel on which nothing arrived for this long is declared dead and its
+    /// traffic moves to the relay (default 3 s). Idle channels are kept alive by pings sent
+    /// every third of this.
+    pub fn dc_timeout(mut self, d: Duration) -> Self {
+        self.dc_timeout = d.max(Duration::from_millis(300));
+        self
+    }
+    /// With `auto_upgrade`, a peer whose upgrade failed or whose channel died is tried again
+    /// after `min`, doubling up to `max` (default 1 s to 60 s).
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.retry_backoff = (min, max.max(min));
         self
     }
     /// ICE servers (STUN/TURN). Default: one public STUN server.

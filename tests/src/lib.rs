@@ -193,3 +193,7 @@ impl Raw {
         res["ok"].clone()
     }
 }
+
+/// The README's code, compiled as doc tests so that the quick start matches the code.
+#[doc = include_str!("../../README.md")]
+pub mod readme {}

@@ -459,9 +459,10 @@ impl P2pSignaling {
                     )));
                 }
                 if let Some(uid) = &uid
-                    && let Err(e) = self.check_name("uid", uid) {
-                        return Some(Err(e));
-                    }
+                    && let Err(e) = self.check_name("uid", uid)
+                {
+                    return Some(Err(e));
+                }
                 for r in &rooms {
                     if let Err(e) = self.check_name("room", r) {
                         return Some(Err(e));
@@ -471,9 +472,10 @@ impl P2pSignaling {
                     return Some(Err((ErrorCode::BadRequest, "too many rooms".into())));
                 }
                 if let Some(uid) = &uid
-                    && let Err(code) = self.inner.uids.claim(uid, id) {
-                        return Some(Err((code, format!("uid {uid:?} is held by another peer"))));
-                    }
+                    && let Err(code) = self.inner.uids.claim(uid, id)
+                {
+                    return Some(Err((code, format!("uid {uid:?} is held by another peer"))));
+                }
                 let info = PeerInfo {
                     id: id.to_owned(),
                     uid: uid.clone(),
@@ -505,11 +507,12 @@ impl P2pSignaling {
                     }),
                 );
                 if let Some(uid) = &uid
-                    && let Some(waiting) = st.pending_pairs.remove(uid) {
-                        for w in waiting {
-                            self.make_pair(st, &w.requester, w.rid, id, out);
-                        }
+                    && let Some(waiting) = st.pending_pairs.remove(uid)
+                {
+                    for w in waiting {
+                        self.make_pair(st, &w.requester, w.rid, id, out);
                     }
+                }
                 return None;
             }
             Op::Join { room } => {

@@ -1,0 +1,189 @@
+//! Reliable events arrive exactly once and in order while the transport under them changes.
+//! 100k numbered events each way, at the same time.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use socketio_p2p::{P2p, PeerEvent, Transport};
+use socketio_p2p_tests::*;
+
+const N: u64 = 100_000;
+
+struct Counter {
+    next: AtomicU64,
+    bad: AtomicU64,
+}
+
+/// Counts events "n" from `from` at `p`, checking they come in order, once.
+fn count(p: &P2p, from: &str) -> Arc<Counter> {
+    let c = Arc::new(Counter {
+        next: AtomicU64::new(0),
+        bad: AtomicU64::new(0),
+    });
+    let c2 = c.clone();
+    p.from(from).on("n", move |ev| {
+        let v: u64 = ev.json().unwrap_or(u64::MAX);
+        if v != c2.next.load(Ordering::SeqCst) {
+            c2.bad.fetch_add(1, Ordering::SeqCst);
+        }
+        c2.next.fetch_add(1, Ordering::SeqCst);
+    });
+    c
+}
+
+fn send_all(from: &P2p, to: &str, sent: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+    let from = from.clone();
+    let to = to.to_owned();
+    tokio::spawn(async move {
+        for i in 0..N {
+            from.to(&to).emit("n", json!(i)).await.unwrap();
+            sent.store(i + 1, Ordering::SeqCst);
+        }
+    })
+}
+
+async fn finish(ca: &Counter, cb: &Counter) {
+    let done = wait_until(240, || async {
+        ca.next.load(Ordering::SeqCst) >= N && cb.next.load(Ordering::SeqCst) >= N
+    })
+    .await;
+    assert!(
+        done,
+        "a got {}, b got {}",
+        ca.next.load(Ordering::SeqCst),
+        cb.next.load(Ordering::SeqCst)
+    );
+    // Nothing extra shows up (no duplicates): give stragglers a moment, then check the count.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for c in [ca, cb] {
+        assert_eq!(c.next.load(Ordering::SeqCst), N, "duplicates delivered");
+        assert_eq!(c.bad.load(Ordering::SeqCst), 0, "events out of order");
+    }
+}
+
+async fn pair(s: &Server, opts: socketio_p2p::P2pOptions) -> (P2p, P2p) {
+    let a = peer(s, opts.clone()).await;
+    let b = peer(s, opts).await;
+    wait_peers(&a, 1).await;
+    wait_peers(&b, 1).await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_mid_stream() {
+    let s = spawn_server().await;
+    let (a, b) = pair(&s, rtc_opts()).await;
+    let (ca, cb) = (count(&a, b.id()), count(&b, a.id()));
+    let (sa, sb) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let ta = send_all(&a, b.id(), sa.clone());
+    let tb = send_all(&b, a.id(), sb.clone());
+    assert!(wait_until(60, || async { sa.load(Ordering::SeqCst) > N / 5 }).await);
+    a.upgrade_peer(b.id()).await.unwrap();
+    assert!(
+        sa.load(Ordering::SeqCst) < N,
+        "the upgrade must happen mid-stream"
+    );
+    ta.await.unwrap();
+    tb.await.unwrap();
+    finish(&ca, &cb).await;
+    assert_eq!(a.transport(b.id()).await.unwrap(), Transport::DataChannel);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_channel_killed_mid_stream() {
+    let s = spawn_server().await;
+    let (a, b) = pair(&s, rtc_opts().dc_timeout(Duration::from_secs(1))).await;
+    a.upgrade_peer(b.id()).await.unwrap();
+    let mut b_events = b.peer_events();
+    let (ca, cb) = (count(&a, b.id()), count(&b, a.id()));
+    let (sa, sb) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let ta = send_all(&a, b.id(), sa.clone());
+    let tb = send_all(&b, a.id(), sb.clone());
+    assert!(wait_until(60, || async { sa.load(Ordering::SeqCst) > N / 3 }).await);
+    a.kill_data_channel(b.id()).unwrap();
+    assert!(
+        sa.load(Ordering::SeqCst) < N,
+        "the channel must die mid-stream"
+    );
+    // b notices by itself (closed channel or silence) and falls back.
+    let downgraded = async {
+        loop {
+            if let Some(PeerEvent::Downgraded { peer, .. }) = b_events.next().await {
+                assert_eq!(peer, a.id());
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), downgraded)
+        .await
+        .expect("b never noticed the dead channel");
+    ta.await.unwrap();
+    tb.await.unwrap();
+    finish(&ca, &cb).await;
+    assert_eq!(a.transport(b.id()).await.unwrap(), Transport::Relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_channel_is_replaced_by_a_new_one_with_auto_upgrade() {
+    let s = spawn_server().await;
+    let opts = rtc_opts()
+        .auto_upgrade(true)
+        .dc_timeout(Duration::from_secs(1))
+        .retry_backoff(Duration::from_millis(200), Duration::from_secs(2));
+    let (a, b) = pair(&s, opts).await;
+    assert!(
+        wait_until(15, || async {
+            a.transport(b.id()).await.ok() == Some(Transport::DataChannel)
+        })
+        .await
+    );
+    let mut pe = a.peer_events();
+    a.kill_data_channel(b.id()).unwrap();
+    let mut saw_down = false;
+    let reup = async {
+        loop {
+            match pe.next().await {
+                Some(PeerEvent::Downgraded { .. }) => saw_down = true,
+                Some(PeerEvent::Upgraded { peer }) if saw_down => return peer,
+                _ => {}
+            }
+        }
+    };
+    let peer = tokio::time::timeout(Duration::from_secs(20), reup)
+        .await
+        .expect("never upgraded again");
+    assert_eq!(peer, b.id());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_receivers_both_ways() {
+    let s = spawn_server().await;
+    let (a, b) = pair(&s, rtc_opts().events_capacity(16)).await;
+    let to_a = a.from(b.id()).events();
+    let to_b = b.from(a.id()).events();
+    let (sa, sb) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let ta = send_all(&a, b.id(), sa.clone());
+    let tb = send_all(&b, a.id(), sb.clone());
+    let read = |mut st: socketio_p2p::EventStream| {
+        tokio::spawn(async move {
+            for i in 0..N {
+                let ev = tokio::time::timeout(Duration::from_secs(60), st.next())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(ev.json::<u64>().unwrap(), i);
+                if i % 1000 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await; // slow on purpose
+                }
+            }
+        })
+    };
+    let (ra, rb) = (read(to_a), read(to_b));
+    ta.await.unwrap();
+    tb.await.unwrap();
+    ra.await.unwrap();
+    rb.await.unwrap();
+}
