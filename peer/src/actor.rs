@@ -10,7 +10,8 @@ use rust_socketio::asynchronous::Client;
 use serde_json::Value as Json;
 use socketio_p2p_signaling::protocol::{
     Body, ErrorCode, ErrorMsg, Frame, Msg, Op, PROTOCOL_VERSION, PeerInfo, Presence, Request,
-    Response, Signal, SignalFrom, Welcome, WirePayload, events, relay_escape, relay_unescape,
+    Response, Resume, Signal, SignalFrom, Welcome, WirePayload, events, relay_escape,
+    relay_unescape,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -131,6 +132,8 @@ struct Peer {
     /// Received messages waiting for room in the application's queue (`None`: nothing to
     /// hand over, only the sequence number to acknowledge in order).
     held: std::collections::VecDeque<(u64, Option<Event>)>,
+    /// After a reconnection: forget this peer unless the server lists it again by then.
+    confirm_by: Option<Instant>,
 }
 
 impl Peer {
@@ -176,6 +179,12 @@ pub(crate) struct Actor {
     client: Client,
     me: PeerInfo,
     registered: bool,
+    /// The Socket.IO connection is up (false while rust_socketio reconnects).
+    connected: bool,
+    /// Resume token from the last welcome.
+    token: String,
+    /// Rooms we are in (sent again after a reconnection).
+    my_rooms: HashSet<String>,
     cmds: mpsc::UnboundedReceiver<Cmd>,
     replies_tx: mpsc::UnboundedSender<Cmd>,
     replies: mpsc::UnboundedReceiver<Cmd>,
@@ -238,6 +247,9 @@ impl Actor {
                 uid: None,
             },
             registered: false,
+            connected: false,
+            token: String::new(),
+            my_rooms: opts.effective_rooms().into_iter().collect(),
             cmds: ch.cmds,
             replies_tx,
             replies,
@@ -342,6 +354,7 @@ impl Actor {
                 retry_at: None,
                 backoff: self.opts.retry_backoff.0,
                 held: Default::default(),
+                confirm_by: None,
             },
         );
         true
@@ -366,16 +379,13 @@ impl Actor {
     async fn on_net(&mut self, n: NetIn) {
         match n {
             NetIn::Connected => {
-                if !self.registered && !self.reqs.values().any(|r| matches!(r.kind, ReqKind::Hello))
-                {
-                    let op = Op::Hello {
-                        version: PROTOCOL_VERSION,
-                        uid: self.opts.uid.clone(),
-                        rooms: self.opts.effective_rooms(),
-                    };
-                    self.request(op, ReqKind::Hello).await;
-                }
+                tracing::debug!(registered = self.registered, "socket.io connected");
+                self.connected = true;
+                // A hello sent on an earlier connection that died is void: send it again here.
+                self.reqs.retain(|_, r| !matches!(r.kind, ReqKind::Hello));
+                self.send_hello().await;
             }
+
             NetIn::Frame(bytes) => match relay_unescape(&bytes).and_then(|b| Frame::decode(&b)) {
                 Ok(frame) => {
                     let from = frame.from.clone();
@@ -417,8 +427,31 @@ impl Actor {
                     tracing::debug!(%msg, "socket.io error");
                 }
             }
+            NetIn::Closed if self.opts.reconnect && self.ready.is_none() => {
+                // rust_socketio reconnects by itself; peers on data channels keep talking.
+                self.connected = false;
+                tracing::info!("server connection lost; reconnecting");
+            }
             NetIn::Closed => self.shutdown("server connection lost").await,
         }
+    }
+
+    async fn send_hello(&mut self) {
+        // First connection, or a reconnection: then ask for our id back.
+        let resume = self.registered.then(|| Resume {
+            id: self.me.id.clone(),
+            token: self.token.clone(),
+        });
+        if resume.is_some() {
+            tracing::info!(id = %self.me.id, "reconnected to the server; resuming");
+        }
+        let op = Op::Hello {
+            version: PROTOCOL_VERSION,
+            uid: self.me.uid.clone().or_else(|| self.opts.uid.clone()),
+            rooms: self.my_rooms.iter().cloned().collect(),
+            resume,
+        };
+        self.request(op, ReqKind::Hello).await;
     }
 
     async fn on_response(&mut self, r: Response) {
@@ -436,6 +469,7 @@ impl Actor {
             }
             ReqKind::Join(room, tx) => {
                 if let Ok(v) = &result {
+                    self.my_rooms.insert(room.clone());
                     let peers: Vec<PeerInfo> =
                         serde_json::from_value(v.clone()).unwrap_or_default();
                     for p in peers {
@@ -457,6 +491,7 @@ impl Actor {
             }
             ReqKind::Leave(room, tx) => {
                 if result.is_ok() {
+                    self.my_rooms.remove(&room);
                     let gone: Vec<String> = self
                         .peers
                         .iter_mut()
@@ -480,6 +515,13 @@ impl Actor {
                 serde_json::from_value::<Welcome>(v).map_err(|e| Error::Serde(e.to_string()))
             }) {
                 Ok(w) => self.on_welcome(w).await,
+                Err(e) if self.registered => {
+                    tracing::warn!(%e, "could not register again after a reconnection");
+                    self.shutdown(&format!(
+                        "could not register again after a reconnection: {e}"
+                    ))
+                    .await;
+                }
                 Err(e) => self.finish_ready(Err(e)),
             },
             ReqKind::Pair => match result.and_then(|v| {
@@ -498,22 +540,65 @@ impl Actor {
     }
 
     async fn on_welcome(&mut self, w: Welcome) {
+        tracing::debug!(id = %w.id, continued = w.continued, rooms = ?w.rooms, "welcome");
+        let now = Instant::now();
+        let again = self.registered;
+        if again {
+            let continued = w.continued && w.id == self.me.id;
+            if continued {
+                // Nobody was told we left: links carry on. What was sent on the relay while
+                // we were away goes again now; peers the server no longer lists get a while
+                // to come back (they may be reconnecting too).
+                for (id, p) in self.peers.iter_mut() {
+                    if p.transport() == Transport::Relay {
+                        p.link.on_transport_change(now);
+                        self.dirty.insert(id.clone());
+                    }
+                    p.confirm_by = Some(now + self.opts.pair_timeout);
+                }
+            } else {
+                let ids: Vec<String> = self.peers.keys().cloned().collect();
+                for id in ids {
+                    let info = self.peers.get(&id).map(|p| p.info.clone());
+                    self.remove_peer(&id, "we reconnected as a new peer").await;
+                    if let Some(peer) = info {
+                        self.peer_event(PeerEvent::Disconnected { peer });
+                    }
+                }
+                self.pair_peer = None;
+            }
+            self.peer_event(PeerEvent::Reconnected { continued });
+        }
         self.me = PeerInfo {
             id: w.id,
             uid: w.uid,
         };
+        self.token = w.token;
         self.registered = true;
         for room in w.rooms {
             for p in room.peers {
-                self.ensure_peer(&p);
+                let new = self.ensure_peer(&p);
                 if let Some(peer) = self.peers.get_mut(&p.id) {
                     peer.rooms.insert(room.room.clone());
+                    peer.confirm_by = None;
                 }
-                self.peer_event(PeerEvent::Joined {
-                    room: room.room.clone(),
-                    peer: p,
-                });
+                if new || !again {
+                    self.peer_event(PeerEvent::Joined {
+                        room: room.room.clone(),
+                        peer: p,
+                    });
+                }
             }
+        }
+        if again {
+            if let Some(peer_uid) = self.opts.peer_uid.clone() {
+                let op = Op::Pair {
+                    peer_uid,
+                    timeout_ms: Some(self.opts.pair_timeout.as_millis() as u64),
+                };
+                self.request(op, ReqKind::Pair).await;
+            }
+            return;
         }
         match self.opts.peer_uid.clone() {
             Some(peer_uid) => {
@@ -534,6 +619,9 @@ impl Actor {
     }
 
     async fn add_pair(&mut self, info: &PeerInfo) {
+        if let Some(p) = self.peers.get_mut(&info.id) {
+            p.confirm_by = None;
+        }
         if self.pair_peer.as_deref() == Some(info.id.as_str()) {
             return;
         }
@@ -554,6 +642,7 @@ impl Actor {
                 self.ensure_peer(&peer);
                 if let Some(p) = self.peers.get_mut(&peer.id) {
                     p.rooms.insert(room.clone());
+                    p.confirm_by = None;
                 }
                 let id = peer.id.clone();
                 self.peer_event(PeerEvent::Joined { room, peer });
@@ -602,6 +691,11 @@ impl Actor {
                 }
             }
             (ErrorCode::Busy, _, _) => {}
+            // A peer that is reconnecting (or just left): the link keeps the frames and sends
+            // them again later, or drops them when the peer is reported gone.
+            (ErrorCode::UnknownPeer | ErrorCode::NotRegistered, Some(_), _) => {
+                tracing::debug!(code = %e.error.code, to = ?e.to, "frame not relayed");
+            }
             _ => {
                 tracing::warn!(code = %e.error.code, message = %e.error.message, event = ?e.event, to = ?e.to, "error from the server")
             }
@@ -1107,6 +1201,20 @@ impl Actor {
             Some(t) => return Some((done, Error::PeerOffline(t))),
             None => self.peers.keys().cloned().collect(),
         };
+        if !self.connected {
+            // Reconnecting: relay traffic waits in the links, up to the usual bound.
+            let full = targets.iter().any(|t| {
+                self.peers.get(t).is_some_and(|p| {
+                    p.transport() == Transport::Relay && p.link.backlog() > p.link.window() * 4
+                })
+            });
+            if full {
+                return Some((
+                    done,
+                    Error::QueueFull("reconnecting to the server and the backlog is full".into()),
+                ));
+            }
+        }
         let msg = Msg::Event {
             event,
             ack_id: None,
@@ -1523,6 +1631,7 @@ impl Actor {
                     ReqKind::User(tx) | ReqKind::Join(_, tx) | ReqKind::Leave(_, tx) => {
                         let _ = tx.send(Err(e));
                     }
+                    ReqKind::Hello if self.registered && self.connected => self.send_hello().await,
                     ReqKind::Hello => self.finish_ready(Err(e)),
                     ReqKind::Pair => {
                         self.finish_ready(Err(Error::PeerOffline("pairing timed out".into())))

@@ -91,7 +91,11 @@ impl P2p {
     /// is up and an echo went both ways.
     pub async fn new(builder: ClientBuilder, opts: P2pOptions) -> Result<P2p> {
         let (net_tx, net_rx) = mpsc::unbounded_channel::<NetIn>();
-        let mut builder = builder.reconnect(false);
+        let (min, max) = opts.reconnect_delay;
+        let mut builder = builder
+            .reconnect(opts.reconnect)
+            .reconnect_on_disconnect(opts.reconnect)
+            .reconnect_delay(min.as_millis() as u64, max.as_millis() as u64);
         if let Some(auth) = &opts.auth {
             builder = builder.auth(auth.clone());
         }

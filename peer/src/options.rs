@@ -66,6 +66,8 @@ pub struct P2pOptions {
     pub(crate) num_clients: usize,
     pub(crate) upgrade_timeout: Duration,
     pub(crate) dc_timeout: Duration,
+    pub(crate) reconnect: bool,
+    pub(crate) reconnect_delay: (Duration, Duration),
     pub(crate) retry_backoff: (Duration, Duration),
     pub(crate) ice_servers: Vec<IceServer>,
     pub(crate) trickle: bool,
@@ -94,6 +96,8 @@ impl Default for P2pOptions {
             num_clients: 5,
             upgrade_timeout: Duration::from_secs(5),
             dc_timeout: Duration::from_secs(3),
+            reconnect: true,
+            reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             ice_servers: vec![IceServer::stun("stun:stun.l.google.com:19302")],
             trickle: true,
@@ -181,6 +185,19 @@ impl P2pOptions {
     /// after `min`, doubling up to `max` (default 1 s to 60 s).
     pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.retry_backoff = (min, max.max(min));
+        self
+    }
+    /// Reconnect to the server after a connection loss (default true), waiting from `min`
+    /// up to `max` between attempts (default 100 ms to 5 s). The peer takes its id back;
+    /// events sent meanwhile wait (bounded) and go out once it is back, and peers on data
+    /// channels keep talking all along. Off: a lost connection closes the `P2p`.
+    pub fn reconnect(mut self, on: bool) -> Self {
+        self.reconnect = on;
+        self
+    }
+    /// Delays between reconnection attempts (exponential from `min` to `max`).
+    pub fn reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_delay = (min, max.max(min));
         self
     }
     /// ICE servers (STUN/TURN). Default: one public STUN server.

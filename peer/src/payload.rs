@@ -259,6 +259,12 @@ pub enum PeerEvent {
         /// Why.
         reason: String,
     },
+    /// The server connection came back after a loss. `continued`: our id and every
+    /// per-peer delivery state carried on; otherwise we came back as a new peer.
+    Reconnected {
+        /// Whether the session carried on.
+        continued: bool,
+    },
     /// This P2p lost its server connection or its pair and is closed.
     Closed {
         /// Why.

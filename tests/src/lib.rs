@@ -197,3 +197,78 @@ impl Raw {
 /// The README's code, compiled as doc tests so that the quick start matches the code.
 #[doc = include_str!("../../README.md")]
 pub mod readme {}
+
+/// A server in a runtime of its own on its own thread, so that it can be killed like a
+/// crashed process: every task and socket dropped at once, no disconnect handler run.
+pub struct CrashableServer {
+    pub addr: SocketAddr,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CrashableServer {
+    /// Starts on `port` (0: any free port), retrying while the port is still held.
+    pub fn start(port: u16) -> CrashableServer {
+        init_tracing();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let addr = rt.block_on(async move {
+                let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
+                P2pSignaling::new(SignalingOptions::default()).attach(&io);
+                let app = axum::Router::new().layer(layer);
+                let mut tries = 0;
+                let listener = loop {
+                    match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                        Ok(l) => break l,
+                        Err(e) if tries < 100 => {
+                            tries += 1;
+                            let _ = e; // port still held by the killed server: retry
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("bind: {e}"),
+                    }
+                };
+                let addr = listener.local_addr().expect("addr");
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+                addr
+            });
+            let _ = addr_tx.send(addr);
+            let _ = stop_rx.recv();
+            rt.shutdown_background();
+        });
+        let addr = addr_rx.recv().expect("server thread died");
+        CrashableServer {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills the server at once.
+    pub fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for CrashableServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

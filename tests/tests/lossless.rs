@@ -187,3 +187,79 @@ async fn slow_receivers_both_ways() {
     ra.await.unwrap();
     rb.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_mid_stream() {
+    let mut server = CrashableServer::start(0);
+    let port = server.addr.port();
+    let connect = |url: String| async move {
+        tokio::time::timeout(Duration::from_secs(20), P2p::connect(&url, relay_opts()))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let a = connect(server.url()).await;
+    let b = connect(server.url()).await;
+    wait_peers(&a, 1).await;
+    wait_peers(&b, 1).await;
+    let mut a_events = a.peer_events();
+    let (ca, cb) = (count(&a, b.id()), count(&b, a.id()));
+    let (sa, sb) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let ta = send_all(&a, b.id(), sa.clone());
+    let tb = send_all(&b, a.id(), sb.clone());
+    assert!(wait_until(60, || async { sa.load(Ordering::SeqCst) > N / 3 }).await);
+    server.kill();
+    assert!(
+        sa.load(Ordering::SeqCst) < N,
+        "the restart must happen mid-stream"
+    );
+    let server2 = CrashableServer::start(port);
+    let back = async {
+        loop {
+            if let Some(PeerEvent::Reconnected { continued }) = a_events.next().await {
+                return continued;
+            }
+        }
+    };
+    let continued = tokio::time::timeout(Duration::from_secs(30), back)
+        .await
+        .expect("a never reconnected");
+    assert!(continued, "a fresh server must let the peers carry on");
+    ta.await.unwrap();
+    tb.await.unwrap();
+    finish(&ca, &cb).await;
+    drop(server2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_channels_keep_talking_while_the_server_is_down() {
+    let mut server = CrashableServer::start(0);
+    let port = server.addr.port();
+    let a = P2p::connect(&server.url(), rtc_opts()).await.unwrap();
+    let b = P2p::connect(&server.url(), rtc_opts()).await.unwrap();
+    wait_peers(&a, 1).await;
+    a.upgrade_peer(b.id()).await.unwrap();
+    let cb = count(&b, a.id());
+    server.kill();
+    for i in 0..1000u64 {
+        a.to(b.id()).emit("n", json!(i)).await.unwrap();
+    }
+    assert!(
+        wait_until(30, || async { cb.next.load(Ordering::SeqCst) == 1000 }).await,
+        "the data channel stopped with the server"
+    );
+    assert_eq!(cb.bad.load(Ordering::SeqCst), 0);
+    // The server comes back: both resume, and the relay works again.
+    let _server2 = CrashableServer::start(port);
+    let c = P2p::connect(&_server2.url(), relay_opts()).await.unwrap();
+    assert!(
+        wait_until(30, || async {
+            c.peers().await.map(|p| p.len()).unwrap_or(0) == 2
+        })
+        .await,
+        "a and b never came back"
+    );
+    let cc = count(&a, c.id());
+    c.to(a.id()).emit("n", json!(0)).await.unwrap();
+    assert!(wait_until(10, || async { cc.next.load(Ordering::SeqCst) == 1 }).await);
+}

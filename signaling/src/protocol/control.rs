@@ -55,6 +55,9 @@ pub enum Op {
         /// Rooms to join right away.
         #[serde(default)]
         rooms: Vec<String>,
+        /// After a reconnection: take back this peer id (see [`Resume`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Resume>,
     },
     /// Join a room. Replies the room's other peers (`[PeerInfo]`).
     Join {
@@ -87,6 +90,19 @@ pub enum Op {
         /// The signal.
         signal: Signal,
     },
+}
+
+/// A reconnecting peer asks for its previous id back.
+///
+/// The server grants it when no connected peer holds that id and either the token is the
+/// one it issued with that id, or it never issued that id (it restarted): then nobody was
+/// told that the peer left, and its links to other peers carry on where they were.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The previous peer id.
+    pub id: String,
+    /// The token received in the previous [`Welcome`].
+    pub token: String,
 }
 
 /// A WebRTC negotiation message.
@@ -187,6 +203,14 @@ pub struct Welcome {
     pub rooms: Vec<RoomPeers>,
     /// Largest frame the server relays, in bytes.
     pub max_frame: usize,
+    /// Secret that lets this peer take its id back after a reconnection.
+    #[serde(default)]
+    pub token: String,
+    /// True when a resume was granted and no peer was told that this one had left (the
+    /// server restarted, or never saw it go): per-peer delivery state carries on. False
+    /// after a resume of an id whose departure was announced: start afresh.
+    #[serde(default)]
+    pub continued: bool,
 }
 
 /// The peers of one room.

@@ -12,5 +12,5 @@ pub use codec::{
 };
 pub use control::{
     ErrorBody, ErrorCode, ErrorMsg, MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo,
-    Presence, Request, Response, RoomPeers, Signal, SignalFrom, Welcome, events,
+    Presence, Request, Response, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
 };

@@ -305,10 +305,11 @@ impl P2pSignaling {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn disconnected(&self, id: &str) {
+    fn disconnected(&self, sid: &str) {
         let mut out = Outbox::default();
         let info = {
             let mut st = self.lock();
+            let id = &st.peer_of.remove(sid).unwrap_or_else(|| sid.to_owned());
             let neighbours = st.neighbours(id);
             let Some(conn) = st.conns.remove(id) else {
                 return;
@@ -327,7 +328,7 @@ impl P2pSignaling {
                 }
             }
             for waiting in st.pending_pairs.values_mut() {
-                waiting.retain(|w| w.requester != id);
+                waiting.retain(|w| w.requester != *id);
             }
             st.pending_pairs.retain(|_, w| !w.is_empty());
             if let Some(info) = &conn.info {
@@ -349,11 +350,12 @@ impl P2pSignaling {
         }
     }
 
-    fn handle_request(&self, id: &str, raw: Result<Json, String>) {
+    fn handle_request(&self, sid: &str, raw: Result<Json, String>) {
         let mut out = Outbox::default();
         let mut joined = None;
         {
             let mut st = self.lock();
+            let id = &st.peer_id(sid);
             let Some(conn) = st.conns.get_mut(id) else {
                 return;
             };
@@ -449,6 +451,7 @@ impl P2pSignaling {
                 version,
                 uid,
                 rooms,
+                resume,
             } => {
                 if version != PROTOCOL_VERSION {
                     return Some(Err((
@@ -471,6 +474,34 @@ impl P2pSignaling {
                 if rooms.len() > self.inner.opts.max_rooms_per_peer {
                     return Some(Err((ErrorCode::BadRequest, "too many rooms".into())));
                 }
+                // Resume: take back an earlier id (see protocol::Resume).
+                let mut continued = false;
+                let resumed_id;
+                let id = match resume {
+                    Some(r)
+                        if r.id != id
+                            && !r.id.is_empty()
+                            && r.id.len() <= self.inner.opts.max_name_len
+                            && !st.conns.contains_key(&r.id) =>
+                    {
+                        let granted = match st.issued.get(&r.id) {
+                            Some((token, _)) => *token == r.token,
+                            None => true,
+                        };
+                        if granted {
+                            continued = !st.issued.contains_key(&r.id);
+                            if let Some(conn) = st.conns.remove(id) {
+                                st.conns.insert(r.id.clone(), conn);
+                            }
+                            st.peer_of.insert(id.to_owned(), r.id.clone());
+                            resumed_id = r.id;
+                            resumed_id.as_str()
+                        } else {
+                            id
+                        }
+                    }
+                    _ => id,
+                };
                 if let Some(uid) = &uid
                     && let Err(code) = self.inner.uids.claim(uid, id)
                 {
@@ -491,11 +522,19 @@ impl P2pSignaling {
                 *joined = Some(info.clone());
                 // The welcome goes out before any `paired` it triggers: the peer must know its
                 // own id before it meets anyone.
+                let now = std::time::Instant::now();
+                st.issued
+                    .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(3600));
+                let token = new_token(id);
+                st.issued.insert(id.to_owned(), (token.clone(), now));
+                tracing::debug!(%id, continued, "peer registered");
                 let welcome = Welcome {
                     id: id.to_owned(),
                     uid: uid.clone(),
                     rooms: room_peers,
                     max_frame: self.inner.opts.max_frame,
+                    token,
+                    continued,
                 };
                 out.push(
                     me,
@@ -722,7 +761,7 @@ impl P2pSignaling {
         }
     }
 
-    fn relay_frame(&self, me: &dyn PeerSocket, id: &str, data: Result<Bytes, String>) {
+    fn relay_frame(&self, me: &dyn PeerSocket, sid: &str, data: Result<Bytes, String>) {
         let frame = match data.map(|d| relay_unescape(&d).map_err(|e| e.to_string())) {
             Ok(Ok(f)) => f,
             Ok(Err(e)) => {
@@ -776,8 +815,10 @@ impl P2pSignaling {
             Ok(r) => r,
             Err(e) => return fail(ErrorCode::BadRequest, format!("bad frame: {e}"), None),
         };
-        let target = {
+        let (target, id) = {
             let st = self.lock();
+            let id = st.peer_id(sid);
+            let id = id.as_str();
             if st.conns.get(id).is_none_or(|c| c.info.is_none()) {
                 drop(st);
                 return fail(
@@ -786,11 +827,12 @@ impl P2pSignaling {
                     Some(route.to.to_owned()),
                 );
             }
-            if route.to == id || !st.share_scope(id, route.to) {
+            let target = if route.to == id || !st.share_scope(id, route.to) {
                 None
             } else {
                 st.socket(route.to)
-            }
+            };
+            (target, id.to_owned())
         };
         let Some(target) = target else {
             return fail(
@@ -799,7 +841,7 @@ impl P2pSignaling {
                 Some(route.to.to_owned()),
             );
         };
-        let stamped = match stamp_from(&frame, &route, id) {
+        let stamped = match stamp_from(&frame, &route, &id) {
             Ok(b) => relay_escape(&b),
             Err(e) => return fail(ErrorCode::BadRequest, format!("bad frame: {e}"), None),
         };
@@ -817,6 +859,27 @@ impl P2pSignaling {
             ),
         }
     }
+}
+
+/// A hard-to-guess token (std only: hashes seeded by the OS's randomness, time and a counter).
+fn new_token(id: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut parts = [0u64; 2];
+    for (i, part) in parts.iter_mut().enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write(id.as_bytes());
+        h.write_u128(t);
+        h.write_u64(n);
+        h.write_usize(i);
+        *part = h.finish();
+    }
+    format!("{:016x}{:016x}", parts[0], parts[1])
 }
 
 fn arc_of<A: Adapter>(s: &SocketRef<A>) -> Arc<dyn PeerSocket> {

@@ -116,9 +116,21 @@ pub(crate) struct State {
     /// uid awaited -> requests waiting for it.
     pub(crate) pending_pairs: HashMap<String, Vec<PendingPair>>,
     pub(crate) next_token: u64,
+    /// Socket id -> peer id, for peers that resumed an earlier id.
+    pub(crate) peer_of: HashMap<String, String>,
+    /// Peer ids this server handed out, with their resume token and when.
+    pub(crate) issued: HashMap<String, (String, Instant)>,
 }
 
 impl State {
+    /// The peer id of a socket (its own id unless it resumed another one).
+    pub(crate) fn peer_id(&self, sid: &str) -> String {
+        self.peer_of
+            .get(sid)
+            .cloned()
+            .unwrap_or_else(|| sid.to_owned())
+    }
+
     /// True when `a` and `b` share a room or a pair.
     pub(crate) fn share_scope(&self, a: &str, b: &str) -> bool {
         let (Some(ca), Some(cb)) = (self.conns.get(a), self.conns.get(b)) else {
