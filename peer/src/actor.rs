@@ -183,6 +183,8 @@ pub(crate) struct Actor {
     connected: bool,
     /// Resume token from the last welcome.
     token: String,
+    /// When the server connection broke (None while registered on a live connection).
+    disconnected_since: Option<Instant>,
     /// Rooms we are in (sent again after a reconnection).
     my_rooms: HashSet<String>,
     cmds: mpsc::UnboundedReceiver<Cmd>,
@@ -249,6 +251,7 @@ impl Actor {
             registered: false,
             connected: false,
             token: String::new(),
+            disconnected_since: None,
             my_rooms: opts.effective_rooms().into_iter().collect(),
             cmds: ch.cmds,
             replies_tx,
@@ -411,6 +414,12 @@ impl Actor {
                 Ok(e) => self.on_server_error(e),
                 Err(e) => tracing::warn!(%e, "bad error message from the server"),
             },
+            NetIn::SocketError(msg) if msg.contains("EngineIO") && self.registered => {
+                // The transport broke: rust_socketio reconnects by itself.
+                tracing::debug!(%msg, "server connection broken");
+                self.connected = false;
+                self.disconnected_since.get_or_insert_with(Instant::now);
+            }
             NetIn::SocketError(msg) => {
                 if msg.contains("ConnectError") {
                     let reason = msg
@@ -430,6 +439,7 @@ impl Actor {
             NetIn::Closed if self.opts.reconnect && self.ready.is_none() => {
                 // rust_socketio reconnects by itself; peers on data channels keep talking.
                 self.connected = false;
+                self.disconnected_since.get_or_insert_with(Instant::now);
                 tracing::info!("server connection lost; reconnecting");
             }
             NetIn::Closed => self.shutdown("server connection lost").await,
@@ -540,6 +550,7 @@ impl Actor {
     }
 
     async fn on_welcome(&mut self, w: Welcome) {
+        self.disconnected_since = None;
         tracing::debug!(id = %w.id, continued = w.continued, rooms = ?w.rooms, "welcome");
         let now = Instant::now();
         let again = self.registered;
@@ -1639,6 +1650,14 @@ impl Actor {
                     ReqKind::Signal => {}
                 }
             }
+        }
+        if let Some(t) = self.disconnected_since
+            && now.duration_since(t) >= self.opts.reconnect_timeout
+        {
+            let d = self.opts.reconnect_timeout;
+            self.shutdown(&format!("could not reconnect to the server within {d:?}"))
+                .await;
+            return;
         }
         if self.ready.is_some() && now >= self.ready_deadline {
             self.finish_ready(Err(Error::Timeout("not ready in time".into())));

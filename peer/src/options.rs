@@ -68,6 +68,7 @@ pub struct P2pOptions {
     pub(crate) dc_timeout: Duration,
     pub(crate) reconnect: bool,
     pub(crate) reconnect_delay: (Duration, Duration),
+    pub(crate) reconnect_timeout: Duration,
     pub(crate) retry_backoff: (Duration, Duration),
     pub(crate) ice_servers: Vec<IceServer>,
     pub(crate) trickle: bool,
@@ -98,6 +99,7 @@ impl Default for P2pOptions {
             dc_timeout: Duration::from_secs(3),
             reconnect: true,
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
+            reconnect_timeout: Duration::from_secs(60),
             retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             ice_servers: vec![IceServer::stun("stun:stun.l.google.com:19302")],
             trickle: true,
@@ -198,6 +200,12 @@ impl P2pOptions {
     /// Delays between reconnection attempts (exponential from `min` to `max`).
     pub fn reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_delay = (min, max.max(min));
+        self
+    }
+    /// Gives up reconnecting after this long (default 60 s): the `P2p` then closes with
+    /// [`crate::PeerEvent::Closed`].
+    pub fn reconnect_timeout(mut self, d: Duration) -> Self {
+        self.reconnect_timeout = d;
         self
     }
     /// ICE servers (STUN/TURN). Default: one public STUN server.

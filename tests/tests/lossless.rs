@@ -263,3 +263,45 @@ async fn data_channels_keep_talking_while_the_server_is_down() {
     c.to(a.id()).emit("n", json!(0)).await.unwrap();
     assert!(wait_until(10, || async { cc.next.load(Ordering::SeqCst) == 1 }).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gives_up_reconnecting_after_the_timeout_and_queues_are_bounded() {
+    let mut server = CrashableServer::start(0);
+    let opts = relay_opts()
+        .reconnect_timeout(Duration::from_secs(2))
+        .window(8);
+    let a = P2p::connect(&server.url(), opts.clone()).await.unwrap();
+    let b = P2p::connect(&server.url(), opts).await.unwrap();
+    wait_peers(&a, 1).await;
+    let mut pe = a.peer_events();
+    server.kill();
+    // Emits while reconnecting are queued up to a bound, then refused with a typed error.
+    let mut refused = None;
+    for i in 0..10_000u64 {
+        match a.to(b.id()).emit("n", json!(i)).await {
+            Ok(()) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(
+            refused,
+            Some(socketio_p2p::Error::QueueFull(_)) | Some(socketio_p2p::Error::Closed)
+        ),
+        "{refused:?}"
+    );
+    let closed = async {
+        loop {
+            if let Some(PeerEvent::Closed { reason }) = pe.next().await {
+                return reason;
+            }
+        }
+    };
+    let reason = tokio::time::timeout(Duration::from_secs(20), closed)
+        .await
+        .expect("never gave up");
+    assert!(reason.contains("reconnect"), "{reason}");
+}
