@@ -272,3 +272,59 @@ impl Drop for CrashableServer {
         self.kill();
     }
 }
+
+/// A TCP forwarder whose connections can be cut, to break a client's connection while the
+/// server stays up (as a flaky network would).
+pub struct Cutter {
+    pub addr: SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cutter {
+    pub async fn start(target: SocketAddr) -> Cutter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            Default::default();
+        let list = conns.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let h = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                list.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(h.abort_handle());
+            }
+        });
+        Cutter { addr, conns, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every connection made so far; new ones go through.
+    pub fn cut(&self) {
+        for h in self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Cutter {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}

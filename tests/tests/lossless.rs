@@ -305,3 +305,65 @@ async fn gives_up_reconnecting_after_the_timeout_and_queues_are_bounded() {
         .expect("never gave up");
     assert!(reason.contains("reconnect"), "{reason}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_client_connection_resumes_and_nobody_notices() {
+    let s = spawn_server().await;
+    let cutter = Cutter::start(s.addr).await;
+    let a = tokio::time::timeout(
+        Duration::from_secs(20),
+        P2p::connect(&cutter.url(), rtc_opts()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let b = peer(&s, rtc_opts()).await;
+    let c = peer(&s, rtc_opts()).await;
+    wait_peers(&a, 2).await;
+    // a talks to c over a data channel, and to b over the relay.
+    a.upgrade_peer(c.id()).await.unwrap();
+    let mut a_events = a.peer_events();
+    let b_saw_leave = Arc::new(AtomicU64::new(0));
+    let flag = b_saw_leave.clone();
+    b.on_peer_event(move |ev| {
+        if matches!(ev, PeerEvent::Disconnected { .. } | PeerEvent::Left { .. }) {
+            flag.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let (ca, cb) = (count(&a, b.id()), count(&b, a.id()));
+    let cc = count(&c, a.id());
+    let (sa, sb) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let ta = send_all(&a, b.id(), sa.clone());
+    let tb = send_all(&b, a.id(), sb.clone());
+    assert!(wait_until(60, || async { sa.load(Ordering::SeqCst) > N / 3 }).await);
+    cutter.cut();
+    assert!(
+        sa.load(Ordering::SeqCst) < N,
+        "the cut must happen mid-stream"
+    );
+    // The data channel keeps working while a is away from the server.
+    for i in 0..100u64 {
+        a.to(c.id()).emit("n", json!(i)).await.unwrap();
+    }
+    assert!(wait_until(10, || async { cc.next.load(Ordering::SeqCst) == 100 }).await);
+    let back = async {
+        loop {
+            if let Some(PeerEvent::Reconnected { continued }) = a_events.next().await {
+                return continued;
+            }
+        }
+    };
+    let continued = tokio::time::timeout(Duration::from_secs(30), back)
+        .await
+        .expect("a never reconnected");
+    assert!(continued, "within the grace period the session carries on");
+    ta.await.unwrap();
+    tb.await.unwrap();
+    finish(&ca, &cb).await;
+    assert_eq!(cc.bad.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        b_saw_leave.load(Ordering::SeqCst),
+        0,
+        "b was told that a left"
+    );
+}

@@ -383,7 +383,8 @@ async fn rooms_scope_events_and_presence() {
         ),
         "{e:?}"
     );
-    // c disconnects: a is told.
+    // c disconnects deliberately: a is told at once (no resume grace period).
+    let t = std::time::Instant::now();
     c.close().await;
     loop {
         if let PeerEvent::Disconnected { peer } =
@@ -393,6 +394,11 @@ async fn rooms_scope_events_and_presence() {
                 .unwrap()
         {
             assert_eq!(peer.id, c.id());
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "took {:?}",
+                t.elapsed()
+            );
             break;
         }
     }

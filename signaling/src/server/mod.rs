@@ -12,7 +12,7 @@ use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{Event, SocketRef, TryData};
 use socketioxide::handler::{ConnectHandler, FromMessageParts};
-use socketioxide::socket::Socket;
+use socketioxide::socket::{DisconnectReason, Socket};
 use socketioxide_core::Value;
 use socketioxide_core::adapter::DefinedAdapter;
 
@@ -42,6 +42,7 @@ pub struct SignalingOptions {
     request_burst: u32,
     max_rooms_per_peer: usize,
     max_name_len: usize,
+    resume_grace: Duration,
     auth: Option<AuthHook>,
     on_peer_joined: Option<PeerHook>,
     on_peer_left: Option<PeerHook>,
@@ -57,6 +58,7 @@ impl Default for SignalingOptions {
             request_burst: 1000,
             max_rooms_per_peer: 64,
             max_name_len: 128,
+            resume_grace: Duration::from_secs(5),
             auth: None,
             on_peer_joined: None,
             on_peer_left: None,
@@ -93,6 +95,13 @@ impl SignalingOptions {
     pub fn request_rate(mut self, rate: u32, burst: u32) -> Self {
         self.request_rate = rate;
         self.request_burst = burst.max(1);
+        self
+    }
+    /// How long a peer whose connection broke (rather than closed) keeps its id, rooms,
+    /// pairs and uid, so that it can reconnect and carry on with nobody noticing (default
+    /// 5 s; zero: tell the others at once). A deliberate disconnect is always final at once.
+    pub fn resume_grace(mut self, d: Duration) -> Self {
+        self.resume_grace = d;
         self
     }
     /// Most rooms one peer may be in (default 64).
@@ -272,6 +281,7 @@ impl P2pSignaling {
             rooms: HashSet::new(),
             pairs: HashSet::new(),
             bucket: TokenBucket::new(self.inner.opts.request_burst),
+            away: None,
         };
         self.lock().conns.insert(socket.id.to_string(), conn);
         socket.on(events::REQUEST, async |_: RequestDone| {});
@@ -285,7 +295,17 @@ impl P2pSignaling {
             let _ = s.emit(events::ERROR, &to_json(&msg));
         });
         let this = self.clone();
-        socket.on_disconnect(async move |s: SocketRef<A>| this.disconnected(&s.id.to_string()));
+        socket.on_disconnect(async move |s: SocketRef<A>, reason: DisconnectReason| {
+            // A deliberate disconnect is final at once; a broken connection gets a grace
+            // period to come back (resume) before the others are told.
+            let deliberate = matches!(
+                reason,
+                DisconnectReason::ClientNSDisconnect
+                    | DisconnectReason::ServerNSDisconnect
+                    | DisconnectReason::ClosingServer
+            );
+            this.disconnected(&s.id.to_string(), deliberate)
+        });
     }
 
     /// Registered peers, sorted by id.
@@ -305,11 +325,42 @@ impl P2pSignaling {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn disconnected(&self, sid: &str) {
+    fn disconnected(&self, sid: &str, deliberate: bool) {
+        let grace = self.inner.opts.resume_grace;
+        let id = {
+            let mut st = self.lock();
+            let id = st.peer_of.remove(sid).unwrap_or_else(|| sid.to_owned());
+            if !deliberate && !grace.is_zero() {
+                st.next_token += 1;
+                let n = st.next_token;
+                if let Some(conn) = st.conns.get_mut(&id).filter(|c| c.info.is_some()) {
+                    conn.away = Some(n);
+                    let this = self.clone();
+                    let away_id = id.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        let still_away = this
+                            .lock()
+                            .conns
+                            .get(&away_id)
+                            .is_some_and(|c| c.away == Some(n));
+                        if still_away {
+                            this.remove_now(&away_id);
+                        }
+                    });
+                    return;
+                }
+            }
+            id
+        };
+        self.remove_now(&id);
+    }
+
+    /// Forgets a peer and tells the others.
+    fn remove_now(&self, id: &str) {
         let mut out = Outbox::default();
         let info = {
             let mut st = self.lock();
-            let id = &st.peer_of.remove(sid).unwrap_or_else(|| sid.to_owned());
             let neighbours = st.neighbours(id);
             let Some(conn) = st.conns.remove(id) else {
                 return;
@@ -478,6 +529,24 @@ impl P2pSignaling {
                 let mut continued = false;
                 let resumed_id;
                 let id = match resume {
+                    // The peer is away (its connection broke a moment ago): same token, and it
+                    // takes its place back as if nothing happened.
+                    Some(r)
+                        if r.id != id
+                            && st.conns.get(&r.id).is_some_and(|c| c.away.is_some())
+                            && st.issued.get(&r.id).is_some_and(|(t, _)| *t == r.token) =>
+                    {
+                        if let Some(fresh) = st.conns.remove(id)
+                            && let Some(conn) = st.conns.get_mut(&r.id)
+                        {
+                            conn.socket = fresh.socket;
+                            conn.away = None;
+                        }
+                        st.peer_of.insert(id.to_owned(), r.id.clone());
+                        continued = true;
+                        resumed_id = r.id;
+                        resumed_id.as_str()
+                    }
                     Some(r)
                         if r.id != id
                             && !r.id.is_empty()

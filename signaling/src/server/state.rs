@@ -99,6 +99,9 @@ pub(crate) struct Conn {
     pub(crate) rooms: HashSet<String>,
     pub(crate) pairs: HashSet<String>,
     pub(crate) bucket: TokenBucket,
+    /// The connection broke (not a deliberate disconnect): the peer keeps its id, rooms,
+    /// pairs and uid for a grace period, to resume. The number tells one absence from the next.
+    pub(crate) away: Option<u64>,
 }
 
 /// A pairing request waiting for its peer to register.
