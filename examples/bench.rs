@@ -5,6 +5,11 @@
 //! Run: `cargo run --release -p socketio-p2p-examples --example bench -- --json`
 //! (`--json`: one JSON object per scenario on stdout, the table on stderr; without it,
 //! only the table, on stdout).
+//!
+//! Options for diagnosis (the default is the configuration of the README):
+//! `--nodelay` sets TCP_NODELAY on the servers' sockets, `--no-trickle` puts the ICE
+//! candidates in the SDP (`P2pOptions::trickle(false)`), `--only relay,upgrade` runs some
+//! scenarios. `RUST_LOG=...` prints logs on stderr.
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -144,14 +149,37 @@ impl Counter {
 
 // ---------- servers and clients ----------
 
-/// A socketioxide server with `P2pSignaling` on a free loopback port; returns its port.
-async fn start_signaling() -> Res<u16> {
-    let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
-    P2pSignaling::new(SignalingOptions::default()).attach(&io);
+/// Settings shared by the scenarios.
+#[derive(Clone, Copy)]
+struct Settings {
+    /// TCP_NODELAY on the servers' sockets.
+    nodelay: bool,
+    /// Trickle ICE (the default) or candidates in the SDP.
+    trickle: bool,
+}
+
+/// Serves `layer` on a free loopback port; returns the port.
+async fn serve(layer: socketioxide::layer::SocketIoLayer, nodelay: bool) -> Res<u16> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    tokio::spawn(async move { axum::serve(listener, axum::Router::new().layer(layer)).await });
+    let app = axum::Router::new().layer(layer);
+    if nodelay {
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    } else {
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
     Ok(port)
+}
+
+/// A socketioxide server with `P2pSignaling` (as in the README); returns its port.
+async fn start_signaling(nodelay: bool) -> Res<u16> {
+    let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
+    P2pSignaling::new(SignalingOptions::default()).attach(&io);
+    serve(layer, nodelay).await
 }
 
 /// The baseline: a bare socketioxide server that re-emits every event to the other sockets.
@@ -161,7 +189,7 @@ struct Forwarder {
     dropped: Arc<AtomicUsize>,
 }
 
-async fn start_forwarder() -> Res<Forwarder> {
+async fn start_forwarder(nodelay: bool) -> Res<Forwarder> {
     let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
     let sockets: Arc<Mutex<Vec<SocketRef>>> = Arc::default();
     let dropped = Arc::new(AtomicUsize::new(0));
@@ -188,11 +216,9 @@ async fn start_forwarder() -> Res<Forwarder> {
         });
         lock(&list).push(socket);
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, axum::Router::new().layer(layer)).await });
+    let port = serve(layer, nodelay).await?;
     Ok(Forwarder {
-        url,
+        url: format!("http://127.0.0.1:{port}"),
         sockets,
         dropped,
     })
@@ -213,19 +239,20 @@ async fn raw_client(url: &str, counter: Option<Arc<Counter>>) -> Res<Client> {
 }
 
 /// A `P2p` peer in `room`: websocket transport, no auto-upgrade, WebRTC on loopback only.
-async fn peer(url: &str, room: &str) -> Res<P2p> {
+async fn peer(url: &str, room: &str, set: Settings) -> Res<P2p> {
     let builder = ClientBuilder::new(url).transport_type(TransportType::Websocket);
     let opts = P2pOptions::default()
         .room(room)
         .auto_upgrade(false)
-        .loopback_only();
+        .loopback_only()
+        .trickle(set.trickle);
     Ok(P2p::new(builder, opts).await?)
 }
 
 /// Two peers in a fresh room, each seeing the other.
-async fn pair(url: &str, room: &str) -> Res<(P2p, P2p)> {
-    let a = peer(url, room).await?;
-    let b = peer(url, room).await?;
+async fn pair(url: &str, room: &str, set: Settings) -> Res<(P2p, P2p)> {
+    let a = peer(url, room, set).await?;
+    let b = peer(url, room, set).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     for (me, other) in [(&a, b.id()), (&b, a.id())] {
         while !me.peers().await?.iter().any(|p| p.id == other) {
@@ -241,12 +268,11 @@ async fn pair(url: &str, room: &str) -> Res<(P2p, P2p)> {
 // ---------- scenarios ----------
 
 /// N small JSON events A→B through P2pSignaling vs a bare socketioxide forwarder.
-async fn relay(port: u16) -> Res<Outcome> {
+async fn relay(url: &str, set: Settings) -> Res<Outcome> {
     const N: usize = 20_000;
     const IDLE: Duration = Duration::from_secs(3);
-    let url = format!("http://127.0.0.1:{port}");
 
-    let (a, b) = pair(&url, "relay").await?;
+    let (a, b) = pair(url, "relay", set).await?;
     let counter = Counter::new(N);
     let c = counter.clone();
     b.on("n", move |_| c.add(1));
@@ -260,7 +286,7 @@ async fn relay(port: u16) -> Res<Outcome> {
     a.close().await;
     b.close().await;
 
-    let fwd = start_forwarder().await?;
+    let fwd = start_forwarder(set.nodelay).await?;
     let counter = Counter::new(N);
     let rb = raw_client(&fwd.url, Some(counter.clone())).await?;
     let ra = raw_client(&fwd.url, None).await?;
@@ -303,7 +329,7 @@ async fn relay(port: u16) -> Res<Outcome> {
 /// Sequential ack round trips, in microseconds, sorted.
 async fn ack_rtts(a: &P2p, b: &str, n: usize) -> Res<Vec<f64>> {
     let to = a.to(b);
-    for i in 0..100 {
+    for i in 0..20 {
         to.emit_with_ack("ping", json!(i)).await?;
     }
     let mut rtts = Vec::with_capacity(n);
@@ -316,10 +342,9 @@ async fn ack_rtts(a: &P2p, b: &str, n: usize) -> Res<Vec<f64>> {
 }
 
 /// 2000 `emit_with_ack` round trips over the relay, then over the data channel.
-async fn ack_rtt(port: u16) -> Res<Outcome> {
+async fn ack_rtt(url: &str, set: Settings) -> Res<Outcome> {
     const N: usize = 2000;
-    let url = format!("http://127.0.0.1:{port}");
-    let (a, b) = pair(&url, "ack").await?;
+    let (a, b) = pair(url, "ack", set).await?;
     b.on("ping", |ev| {
         ev.reply(ev.payload().clone());
     });
@@ -343,12 +368,11 @@ async fn ack_rtt(port: u16) -> Res<Outcome> {
 }
 
 /// 100 upgrades of a fresh pair: `upgrade_peer` call → first data-channel event at B.
-async fn upgrade(port: u16) -> Res<Outcome> {
+async fn upgrade(url: &str, set: Settings) -> Res<Outcome> {
     const RUNS: usize = 100;
-    let url = format!("http://127.0.0.1:{port}");
     let mut ms = Vec::with_capacity(RUNS);
     for i in 0..RUNS {
-        let (a, b) = pair(&url, &format!("upgrade-{i}")).await?;
+        let (a, b) = pair(url, &format!("upgrade-{i}"), set).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         b.on("hello", move |ev| {
             if ev.transport() == Transport::DataChannel {
@@ -506,10 +530,9 @@ async fn bare_webrtc_throughput() -> Res<f64> {
 }
 
 /// 64 MiB in 16 KiB binary events over an upgraded pair vs bare webrtc-rs; then 100k × 32 B.
-async fn dc_throughput(port: u16) -> Res<Outcome> {
+async fn dc_throughput(url: &str, set: Settings) -> Res<Outcome> {
     const SMALL: usize = 100_000;
-    let url = format!("http://127.0.0.1:{port}");
-    let (a, b) = pair(&url, "dc").await?;
+    let (a, b) = pair(url, "dc", set).await?;
     a.upgrade_peer(b.id()).await?;
     let secs = p2p_binary(&a, &b, "chunk", DC_TOTAL / DC_CHUNK, DC_CHUNK).await?;
     let small_secs = p2p_binary(&a, &b, "small", SMALL, 32).await?;
@@ -539,11 +562,12 @@ fn vm_rss_kib(pid: u32) -> Res<u64> {
 }
 
 /// RSS growth of a server process (this binary with `--serve-only`) per idle peer.
-async fn server_memory() -> Res<Outcome> {
+async fn server_memory(set: Settings) -> Res<Outcome> {
     const PEERS: usize = 1000;
     const BATCH: usize = 50;
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .arg("--serve-only")
+        .args(set.nodelay.then_some("--nodelay"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -564,7 +588,7 @@ async fn server_memory() -> Res<Outcome> {
     let mut peers = Vec::with_capacity(PEERS);
     while peers.len() < PEERS {
         let n = BATCH.min(PEERS - peers.len());
-        let batch = (0..n).map(|_| peer(&url, "idle"));
+        let batch = (0..n).map(|_| peer(&url, "idle", set));
         for p in futures_util::future::join_all(batch).await {
             peers.push(p?);
         }
@@ -593,8 +617,8 @@ async fn server_memory() -> Res<Outcome> {
 }
 
 /// `--serve-only`: a signaling server; prints its port, runs until stdin closes.
-async fn serve_only() -> Res<()> {
-    let port = start_signaling().await?;
+async fn serve_only(nodelay: bool) -> Res<()> {
+    let port = start_signaling(nodelay).await?;
     let mut out = std::io::stdout();
     writeln!(out, "{port}")?;
     out.flush()?;
@@ -638,13 +662,29 @@ fn table(outcomes: &[Outcome]) -> String {
 
 #[tokio::main]
 async fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--serve-only") {
-        return serve_only().await;
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
     }
-    let json_out = args.iter().any(|a| a == "--json");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let set = Settings {
+        nodelay: flag("--nodelay"),
+        trickle: !flag("--no-trickle"),
+    };
+    if flag("--serve-only") {
+        return serve_only(set.nodelay).await;
+    }
+    let json_out = flag("--json");
+    let only: Option<Vec<&str>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').collect());
     let started = Instant::now();
-    let port = start_signaling().await?;
+    let url = format!("http://127.0.0.1:{}", start_signaling(set.nodelay).await?);
 
     let mut outcomes = Vec::new();
     let mut failed = Vec::new();
@@ -655,15 +695,18 @@ async fn main() -> Res<()> {
         "dc_throughput",
         "server_memory",
     ] {
+        if only.as_ref().is_some_and(|o| !o.contains(&name)) {
+            continue;
+        }
         let t = Instant::now();
         let result = match name {
-            "relay" => relay(port).await,
-            "ack_rtt" => ack_rtt(port).await,
-            "upgrade" => upgrade(port).await,
-            "dc_throughput" => dc_throughput(port).await,
-            _ => server_memory().await,
+            "relay" => relay(&url, set).await,
+            "ack_rtt" => ack_rtt(&url, set).await,
+            "upgrade" => upgrade(&url, set).await,
+            "dc_throughput" => dc_throughput(&url, set).await,
+            _ => server_memory(set).await,
         };
-        eprintln!("{name}: {:.1} s", t.elapsed().as_secs_f64());
+        eprintln!("{name}: done in {:.1} s", t.elapsed().as_secs_f64());
         match result {
             Ok(o) => {
                 if json_out {

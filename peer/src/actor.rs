@@ -1604,6 +1604,22 @@ impl Actor {
             )
             .await;
         }
+        // After a reconnection: peers the server did not list again, and that did not
+        // come back in time, are gone.
+        let stale: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.confirm_by.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            let info = self.peers.get(&id).map(|p| p.info.clone());
+            self.remove_peer(&id, "the peer did not come back after a reconnection")
+                .await;
+            if let Some(peer) = info {
+                self.peer_event(PeerEvent::Disconnected { peer });
+            }
+        }
         if !retries.is_empty() && self.registered {
             for id in retries {
                 self.start_upgrades(Some(id), None).await;

@@ -328,3 +328,23 @@ impl Drop for Cutter {
         self.task.abort();
     }
 }
+
+/// Waits at most `secs` for the first lifecycle event that `f` maps to `Some`.
+pub async fn wait_event<T>(
+    events: &mut socketio_p2p::PeerEventStream,
+    secs: u64,
+    mut f: impl FnMut(socketio_p2p::PeerEvent) -> Option<T>,
+) -> T {
+    let found = async {
+        while let Some(ev) = events.next().await {
+            if let Some(t) = f(ev) {
+                return Some(t);
+            }
+        }
+        None
+    };
+    tokio::time::timeout(Duration::from_secs(secs), found)
+        .await
+        .expect("timed out waiting for a peer event")
+        .expect("peer event stream closed")
+}

@@ -214,16 +214,11 @@ async fn server_restart_mid_stream() {
         "the restart must happen mid-stream"
     );
     let server2 = CrashableServer::start(port);
-    let back = async {
-        loop {
-            if let Some(PeerEvent::Reconnected { continued }) = a_events.next().await {
-                return continued;
-            }
-        }
-    };
-    let continued = tokio::time::timeout(Duration::from_secs(30), back)
-        .await
-        .expect("a never reconnected");
+    let continued = wait_event(&mut a_events, 30, |ev| match ev {
+        PeerEvent::Reconnected { continued } => Some(continued),
+        _ => None,
+    })
+    .await;
     assert!(continued, "a fresh server must let the peers carry on");
     ta.await.unwrap();
     tb.await.unwrap();
@@ -346,16 +341,11 @@ async fn a_broken_client_connection_resumes_and_nobody_notices() {
         a.to(c.id()).emit("n", json!(i)).await.unwrap();
     }
     assert!(wait_until(10, || async { cc.next.load(Ordering::SeqCst) == 100 }).await);
-    let back = async {
-        loop {
-            if let Some(PeerEvent::Reconnected { continued }) = a_events.next().await {
-                return continued;
-            }
-        }
-    };
-    let continued = tokio::time::timeout(Duration::from_secs(30), back)
-        .await
-        .expect("a never reconnected");
+    let continued = wait_event(&mut a_events, 30, |ev| match ev {
+        PeerEvent::Reconnected { continued } => Some(continued),
+        _ => None,
+    })
+    .await;
     assert!(continued, "within the grace period the session carries on");
     ta.await.unwrap();
     tb.await.unwrap();

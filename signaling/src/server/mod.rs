@@ -131,6 +131,9 @@ impl SignalingOptions {
 
 struct Inner {
     opts: SignalingOptions,
+    /// Random name of this server instance, the prefix of every resume token it issues: a
+    /// token of ours for an id we no longer know means "expired", not "we restarted".
+    instance: String,
     state: Mutex<State>,
     uids: Box<dyn UidRegistry>,
 }
@@ -230,6 +233,7 @@ impl P2pSignaling {
     pub fn new(opts: SignalingOptions) -> Self {
         Self {
             inner: Arc::new(Inner {
+                instance: new_token("instance")[..12].to_owned(),
                 opts,
                 state: Mutex::new(State::default()),
                 uids: Box::new(LocalUidRegistry::default()),
@@ -526,56 +530,67 @@ impl P2pSignaling {
                     return Some(Err((ErrorCode::BadRequest, "too many rooms".into())));
                 }
                 // Resume: take back an earlier id (see protocol::Resume).
-                let mut continued = false;
-                let resumed_id;
-                let id = match resume {
-                    // The peer is away (its connection broke a moment ago): same token, and it
-                    // takes its place back as if nothing happened.
+                // Resume: take back an earlier id (see protocol::Resume). Decide first, check
+                // the uid against the id it will have, and only then move anything.
+                enum Plan {
+                    Fresh,
+                    /// The peer is away (its connection broke a moment ago): it takes its
+                    /// place back as if nothing happened.
+                    Back(String),
+                    /// An id this server instance never issued (it restarted): granted, and
+                    /// nobody was told the peer left.
+                    Restart(String),
+                }
+                let plan = match resume {
                     Some(r)
                         if r.id != id
-                            && st.conns.get(&r.id).is_some_and(|c| c.away.is_some())
-                            && st.issued.get(&r.id).is_some_and(|(t, _)| *t == r.token) =>
+                            && r.id.len() <= self.inner.opts.max_name_len
+                            && !r.id.is_empty() =>
                     {
+                        match (st.conns.get(&r.id), st.issued.get(&r.id)) {
+                            (Some(c), Some((token, _)))
+                                if c.away.is_some() && *token == r.token =>
+                            {
+                                Plan::Back(r.id)
+                            }
+                            (None, None) if !r.token.starts_with(&self.inner.instance) => {
+                                Plan::Restart(r.id)
+                            }
+                            // Held by a live peer, a wrong token, or an id of ours whose
+                            // departure was announced: a new id.
+                            _ => Plan::Fresh,
+                        }
+                    }
+                    _ => Plan::Fresh,
+                };
+                let (target, continued) = match &plan {
+                    Plan::Fresh => (id.to_owned(), false),
+                    Plan::Back(r) | Plan::Restart(r) => (r.clone(), true),
+                };
+                if let Some(uid) = &uid
+                    && let Err(code) = self.inner.uids.claim(uid, &target)
+                {
+                    return Some(Err((code, format!("uid {uid:?} is held by another peer"))));
+                }
+                match plan {
+                    Plan::Fresh => {}
+                    Plan::Back(r) => {
                         if let Some(fresh) = st.conns.remove(id)
-                            && let Some(conn) = st.conns.get_mut(&r.id)
+                            && let Some(conn) = st.conns.get_mut(&r)
                         {
                             conn.socket = fresh.socket;
                             conn.away = None;
                         }
-                        st.peer_of.insert(id.to_owned(), r.id.clone());
-                        continued = true;
-                        resumed_id = r.id;
-                        resumed_id.as_str()
+                        st.peer_of.insert(id.to_owned(), r);
                     }
-                    Some(r)
-                        if r.id != id
-                            && !r.id.is_empty()
-                            && r.id.len() <= self.inner.opts.max_name_len
-                            && !st.conns.contains_key(&r.id) =>
-                    {
-                        let granted = match st.issued.get(&r.id) {
-                            Some((token, _)) => *token == r.token,
-                            None => true,
-                        };
-                        if granted {
-                            continued = !st.issued.contains_key(&r.id);
-                            if let Some(conn) = st.conns.remove(id) {
-                                st.conns.insert(r.id.clone(), conn);
-                            }
-                            st.peer_of.insert(id.to_owned(), r.id.clone());
-                            resumed_id = r.id;
-                            resumed_id.as_str()
-                        } else {
-                            id
+                    Plan::Restart(r) => {
+                        if let Some(conn) = st.conns.remove(id) {
+                            st.conns.insert(r.clone(), conn);
                         }
+                        st.peer_of.insert(id.to_owned(), r);
                     }
-                    _ => id,
-                };
-                if let Some(uid) = &uid
-                    && let Err(code) = self.inner.uids.claim(uid, id)
-                {
-                    return Some(Err((code, format!("uid {uid:?} is held by another peer"))));
                 }
+                let id = target.as_str();
                 let info = PeerInfo {
                     id: id.to_owned(),
                     uid: uid.clone(),
@@ -593,8 +608,8 @@ impl P2pSignaling {
                 // own id before it meets anyone.
                 let now = std::time::Instant::now();
                 st.issued
-                    .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(3600));
-                let token = new_token(id);
+                    .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(24 * 3600));
+                let token = format!("{}.{}", self.inner.instance, new_token(id));
                 st.issued.insert(id.to_owned(), (token.clone(), now));
                 tracing::debug!(%id, continued, "peer registered");
                 let welcome = Welcome {
