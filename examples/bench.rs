@@ -6,10 +6,11 @@
 //! (`--json`: one JSON object per scenario on stdout, the table on stderr; without it,
 //! only the table, on stdout).
 //!
-//! Options for diagnosis (the default is the configuration of the README):
-//! `--nodelay` sets TCP_NODELAY on the servers' sockets, `--no-trickle` puts the ICE
-//! candidates in the SDP (`P2pOptions::trickle(false)`), `--only relay,upgrade` runs some
-//! scenarios. `RUST_LOG=...` prints logs on stderr.
+//! Options for diagnosis (the default is the configuration of the README: servers with
+//! TCP_NODELAY, peers with `loopback_only()`, which puts ICE candidates in the SDP):
+//! `--nagle` leaves Nagle's algorithm on on the servers' sockets, `--trickle` trickles ICE
+//! candidates, `--only relay,upgrade` runs some scenarios. `RUST_LOG=...` prints logs on
+//! stderr.
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -671,8 +672,8 @@ async fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str| args.iter().any(|a| a == name);
     let set = Settings {
-        nodelay: flag("--nodelay"),
-        trickle: !flag("--no-trickle"),
+        nodelay: !flag("--nagle"),
+        trickle: flag("--trickle"),
     };
     if flag("--serve-only") {
         return serve_only(set.nodelay).await;

@@ -49,6 +49,9 @@ async fn serve(addr: &str) -> Result<(), BoxError> {
     signaling.attach(&io);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("chat server on http://{}", listener.local_addr()?);
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, axum::Router::new().layer(layer)).await?;
     Ok(())
 }

@@ -20,6 +20,10 @@ async fn main() -> Result<(), BoxError> {
     P2pSignaling::new(SignalingOptions::default()).attach(&io);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
+    // Small signaling messages should not wait for Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, axum::Router::new().layer(layer)).await });
     println!("server  listening on {url}");
 

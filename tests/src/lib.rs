@@ -43,6 +43,16 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// TCP_NODELAY on every accepted connection, as the README recommends.
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    fn set(tcp: &mut tokio::net::TcpStream) {
+        let _ = tcp.set_nodelay(true);
+    }
+    axum::serve::ListenerExt::tap_io(listener, set as fn(&mut tokio::net::TcpStream))
+}
+
 pub async fn spawn_server() -> Server {
     spawn_server_with(SignalingOptions::default()).await
 }
@@ -57,6 +67,7 @@ pub async fn spawn_server_with(opts: SignalingOptions) -> Server {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let listener = nodelay(listener);
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -235,6 +246,7 @@ impl CrashableServer {
                     }
                 };
                 let addr = listener.local_addr().expect("addr");
+                let listener = nodelay(listener);
                 tokio::spawn(async move {
                     let _ = axum::serve(listener, app).await;
                 });

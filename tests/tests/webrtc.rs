@@ -115,8 +115,9 @@ async fn same_api_over_relay_and_data_channel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_upgrade_when_peers_meet() {
     let s = spawn_server().await;
-    let a = peer(&s, rtc_opts().auto_upgrade(true)).await;
-    let b = peer(&s, rtc_opts().auto_upgrade(true)).await;
+    // Trickled candidates (the default off loopback) work too.
+    let a = peer(&s, rtc_opts().auto_upgrade(true).trickle(true)).await;
+    let b = peer(&s, rtc_opts().auto_upgrade(true).trickle(true)).await;
     wait_transport(&a, b.id(), Transport::DataChannel).await;
     wait_transport(&b, a.id(), Transport::DataChannel).await;
     // A pair (uid + peer_uid) upgrades too.
