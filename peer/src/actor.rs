@@ -327,8 +327,8 @@ impl Actor {
         self.next_rid += 1;
         let rid = self.next_rid;
         let deadline = Instant::now()
-            + match (&kind, &op) {
-                (ReqKind::Pair, _) => self.opts.pair_timeout + self.opts.request_timeout,
+            + match kind {
+                ReqKind::Pair => self.opts.pair_timeout + self.opts.request_timeout,
                 _ => self.opts.request_timeout,
             };
         self.reqs.insert(rid, PendingReq { kind, deadline });
