@@ -21,6 +21,7 @@ use crate::negotiate::{Action, Negotiation};
 use crate::options::P2pOptions;
 use crate::payload::{Event, Payload, PeerEvent, Responder, Transport};
 use crate::rtc::{CandidateInit, RtcConfig, RtcEvent, RtcLink};
+use crate::stream::{IncomingStream, StreamCmd, StreamTable};
 
 const TICK: Duration = Duration::from_millis(5);
 
@@ -195,6 +196,8 @@ pub(crate) struct Actor {
     rtc_rx: mpsc::UnboundedReceiver<(u64, RtcEvent)>,
     events: mpsc::Sender<Event>,
     peer_events: mpsc::UnboundedSender<PeerEvent>,
+    stream_rx: mpsc::UnboundedReceiver<StreamCmd>,
+    streams: StreamTable,
     peers: HashMap<String, Peer>,
     rtc_keys: HashMap<u64, String>,
     next_key: u64,
@@ -220,6 +223,9 @@ pub(crate) struct Channels {
     pub(crate) net: mpsc::UnboundedReceiver<NetIn>,
     pub(crate) events: mpsc::Sender<Event>,
     pub(crate) peer_events: mpsc::UnboundedSender<PeerEvent>,
+    pub(crate) stream_tx: mpsc::UnboundedSender<StreamCmd>,
+    pub(crate) stream_rx: mpsc::UnboundedReceiver<StreamCmd>,
+    pub(crate) incoming: mpsc::Sender<IncomingStream>,
 }
 
 impl Actor {
@@ -261,6 +267,8 @@ impl Actor {
             rtc_rx,
             events: ch.events,
             peer_events: ch.peer_events,
+            stream_rx: ch.stream_rx,
+            streams: StreamTable::new(opts.stream_window as u64, ch.incoming, ch.stream_tx),
             peers: HashMap::new(),
             rtc_keys: HashMap::new(),
             next_key: 0,
@@ -297,6 +305,7 @@ impl Actor {
                 Some(n) = self.net.recv() => self.on_net(n).await,
                 Some((key, ev)) = self.rtc_rx.recv() => self.on_rtc(key, ev).await,
                 Some(c) = self.replies.recv() => self.on_cmd(c).await,
+                Some(c) = self.stream_rx.recv() => self.on_stream_cmd(c),
                 c = self.cmds.recv() => match c {
                     Some(c) => self.on_cmd(c).await,
                     None => {
@@ -718,6 +727,7 @@ impl Actor {
             return;
         };
         self.held_total -= peer.held.len();
+        self.streams.peer_gone(id, why);
         if let Some(slot) = peer.rtc.take() {
             self.close_rtc(slot);
         }
@@ -762,9 +772,17 @@ impl Actor {
                 if let Some((upto, nack)) = ack {
                     self.send_ack(from, upto, nack).await;
                 }
-                if let Some(d) = delivered {
-                    let ev = self.deliver(from, d, via);
-                    self.hand_over(from, seq, ev).await;
+                match delivered {
+                    Some(Delivered::Msg(Msg::Stream { id, opener, op })) => {
+                        let out = self.streams.on_msg(from, id, opener, op);
+                        self.push_out(out);
+                        self.hand_over(from, seq, None).await;
+                    }
+                    Some(d) => {
+                        let ev = self.deliver(from, d, via);
+                        self.hand_over(from, seq, ev).await;
+                    }
+                    None => {}
                 }
             }
             Body::Volatile { msg } => {
@@ -943,9 +961,33 @@ impl Actor {
                     let _ = a.tx.send(Err(Error::Remote { code, message }));
                 }
             }
-            Msg::Continuation { .. } => {}
+            // Streams are taken off the link before `deliver`; a volatile one is nonsense.
+            Msg::Continuation { .. } | Msg::Stream { .. } => {}
         }
         None
+    }
+
+    fn push_out(&mut self, out: crate::stream::Out) {
+        for (to, msg) in out {
+            self.push_msg(&to, msg);
+        }
+    }
+
+    fn on_stream_cmd(&mut self, c: StreamCmd) {
+        let out = match c {
+            StreamCmd::Open { peer, name, reply } => {
+                if !self.registered || !self.peers.contains_key(&peer) {
+                    let _ = reply.send(Err(Error::PeerOffline(format!(
+                        "{peer} is not a peer of this one"
+                    ))));
+                    return;
+                }
+                let deadline = Instant::now() + self.opts.request_timeout;
+                self.streams.open(peer, name, reply, deadline)
+            }
+            c => self.streams.on_cmd(c),
+        };
+        self.push_out(out);
     }
 
     fn push_msg(&mut self, to: &str, msg: Msg) {
@@ -1559,6 +1601,8 @@ impl Actor {
 
     async fn on_tick(&mut self) {
         let now = Instant::now();
+        let out = self.streams.on_tick(now);
+        self.push_out(out);
         let mut acks = Vec::new();
         let mut neg_actions = Vec::new();
         let mut pings = Vec::new();
@@ -1703,6 +1747,7 @@ impl Actor {
             }
             self.remove_peer(&id, reason).await;
         }
+        self.streams.close_all(reason);
         for (_, r) in self.reqs.drain() {
             if let ReqKind::User(tx) | ReqKind::Join(_, tx) | ReqKind::Leave(_, tx) = r.kind {
                 let _ = tx.send(Err(Error::Closed));

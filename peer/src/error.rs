@@ -52,6 +52,15 @@ pub enum Error {
     /// WebRTC could not be set up with this peer (the relay keeps working).
     #[error("webrtc: {0}")]
     WebRtc(String),
+    /// The peer refused (or could not take) the stream.
+    #[error("stream refused ({code}): {message}")]
+    StreamRefused {
+        /// Machine-readable code: `Refused` (the application said no), `Busy` (too many
+        /// streams waiting to be accepted), `Dropped`...
+        code: String,
+        /// The peer's explanation.
+        message: String,
+    },
     /// A wait was bounded by the reconnect queue, a window or a limit and the bound was hit.
     #[error("queue full: {0}")]
     QueueFull(String),

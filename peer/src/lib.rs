@@ -26,6 +26,7 @@ mod negotiate;
 mod options;
 mod payload;
 mod rtc;
+mod stream;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ pub use error::{Error, Result};
 pub use options::{DEFAULT_ROOM, IceServer, P2pOptions};
 pub use payload::{Event, Payload, PeerEvent, Transport};
 pub use socketio_p2p_signaling::protocol::{ErrorCode, PeerInfo};
+pub use stream::{IncomingStream, P2pStream};
 
 use actor::{Actor, Channels, Cmd, NetIn};
 use dispatch::Registry;
@@ -56,6 +58,8 @@ struct Inner {
     me: PeerInfo,
     ack_timeout: Duration,
     events_capacity: usize,
+    streams: mpsc::UnboundedSender<stream::StreamCmd>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingStream>>,
 }
 
 /// A peer: the handle to one connection to a `P2pSignaling` server and to every peer met
@@ -151,6 +155,8 @@ impl P2p {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::channel(opts.events_capacity);
         let (pe_tx, pe_rx) = mpsc::unbounded_channel();
+        let (stream_tx, stream_rx) = mpsc::unbounded_channel();
+        let (incoming_tx, incoming_rx) = mpsc::channel(stream::INCOMING_QUEUE);
         let registry = Registry::default();
         tokio::spawn(dispatch::run(registry.clone(), ev_rx, pe_rx));
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -164,6 +170,9 @@ impl P2p {
                 net: net_rx,
                 events: ev_tx,
                 peer_events: pe_tx,
+                stream_tx: stream_tx.clone(),
+                stream_rx,
+                incoming: incoming_tx,
             },
             ready_tx,
         );
@@ -176,6 +185,8 @@ impl P2p {
                 me,
                 ack_timeout,
                 events_capacity,
+                streams: stream_tx,
+                incoming: tokio::sync::Mutex::new(incoming_rx),
             }),
         })
     }
@@ -240,6 +251,64 @@ impl P2p {
             }
         });
         Ok(futures_util::future::join_all(calls).await)
+    }
+
+    /// Opens a byte stream to `peer` (any peer of this one's rooms or pair), named `name`
+    /// for the other side. Returns once the peer accepted it ([`P2p::accept_stream`]);
+    /// [`Error::StreamRefused`] if it refused, [`Error::Timeout`] after `request_timeout`.
+    ///
+    /// ```no_run
+    /// # async fn run(p2p: socketio_p2p::P2p) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokio::io::AsyncWriteExt;
+    /// let mut stream = p2p.open_stream("peer-id", "photo.jpg").await?;
+    /// stream.write_all(b"...bytes...").await?;
+    /// stream.shutdown().await?; // the other side reads to the end
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_stream(&self, peer: &str, name: &str) -> Result<P2pStream> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .streams
+            .send(stream::StreamCmd::Open {
+                peer: peer.to_owned(),
+                name: name.to_owned(),
+                reply,
+            })
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Streams this peer still keeps state for (diagnostics: 0 once every stream ended).
+    #[doc(hidden)]
+    pub async fn stream_count(&self) -> Result<usize> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .streams
+            .send(stream::StreamCmd::Count(reply))
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    /// Waits for the next stream another peer opens to this one; `None` once closed.
+    /// Streams not accepted or refused within the opener's `request_timeout` fail on its
+    /// side; more than 64 waiting at once are refused with `Busy`.
+    ///
+    /// ```no_run
+    /// # async fn run(p2p: socketio_p2p::P2p) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokio::io::AsyncReadExt;
+    /// while let Some(incoming) = p2p.accept_stream().await {
+    ///     if incoming.name().ends_with(".jpg") {
+    ///         let mut stream = incoming.accept()?;
+    ///         let mut data = Vec::new();
+    ///         stream.read_to_end(&mut data).await?;
+    ///     } else {
+    ///         incoming.refuse("only photos here");
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn accept_stream(&self) -> Option<IncomingStream> {
+        self.inner.incoming.lock().await.recv().await
     }
 
     /// Sends a best-effort event to every peer: never retransmitted, may be lost, never

@@ -76,6 +76,7 @@ pub struct P2pOptions {
     pub(crate) disable_mdns: bool,
     pub(crate) block_all_candidates: bool,
     pub(crate) events_capacity: usize,
+    pub(crate) stream_window: usize,
 }
 
 /// The room joined when no uid, peer uid or room is given.
@@ -107,6 +108,7 @@ impl Default for P2pOptions {
             disable_mdns: true,
             block_all_candidates: false,
             events_capacity: 1024,
+            stream_window: 1024 * 1024,
         }
     }
 }
@@ -246,6 +248,14 @@ impl P2pOptions {
     /// (default 1024); when full, senders are slowed down.
     pub fn events_capacity(mut self, n: usize) -> Self {
         self.events_capacity = n.max(1);
+        self
+    }
+
+    /// How many bytes of each [`crate::P2pStream`] may be in flight or waiting to be read
+    /// (default 1 MiB, at least 16 KiB). Each side buffers at most this much per stream; a
+    /// larger window is faster on a slow round trip.
+    pub fn stream_window(mut self, bytes: usize) -> Self {
+        self.stream_window = bytes.max(16 * 1024);
         self
     }
 

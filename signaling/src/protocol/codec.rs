@@ -13,6 +13,10 @@
 //!   2 Reply:        varint ack_id | payload bytes (rest)
 //!   3 ReplyError:   varint ack_id | u8 len + code | message (rest, UTF-8)
 //!   4 Continuation: payload bytes (rest)
+//!   5 Stream:       varint stream id | u8 op (bit 7 set: the sender opened the stream) | op body
+//!                   op 1 Open: name (rest, UTF-8)      op 2 Accept     op 3 Refuse: u8 len + code | message
+//!                   op 4 Data: bytes (rest)            op 5 Credit: varint bytes
+//!                   op 6 Fin                           op 7 Reset: u8 len + code | message
 //! flags: bit 0 MORE (a fragment follows), bit 1 BINARY (payload is raw bytes, else JSON text),
 //!        bit 2 NACK (LinkAck: the receiver saw a gap), bit 3 PONG (Ping: this is the answer)
 //! ```
@@ -28,6 +32,8 @@ const MSG_EVENT: u8 = 1;
 const MSG_REPLY: u8 = 2;
 const MSG_REPLY_ERROR: u8 = 3;
 const MSG_CONTINUATION: u8 = 4;
+const MSG_STREAM: u8 = 5;
+const STREAM_OPENER: u8 = 0x80;
 const FLAG_MORE: u8 = 1;
 const FLAG_BINARY: u8 = 2;
 const FLAG_NACK: u8 = 4;
@@ -116,6 +122,47 @@ pub enum Msg {
     Continuation {
         /// Bytes to append.
         data: Bytes,
+    },
+    /// Byte-stream traffic (never fragmented: data is sent in chunks that fit a frame).
+    Stream {
+        /// Stream id, chosen by the side that opened it.
+        id: u64,
+        /// The sender of this message opened the stream (ids of both sides never clash).
+        opener: bool,
+        /// What happens on the stream.
+        op: StreamOp,
+    },
+}
+
+/// What a [`Msg::Stream`] says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamOp {
+    /// Ask the other side to accept a new stream.
+    Open {
+        /// Application name of the stream.
+        name: String,
+    },
+    /// The stream is accepted.
+    Accept,
+    /// The stream is refused.
+    Refuse {
+        /// Machine-readable code.
+        code: String,
+        /// Human-readable text.
+        message: String,
+    },
+    /// Stream bytes.
+    Data(Bytes),
+    /// The receiver took this many more bytes: the sender may send as many again.
+    Credit(u64),
+    /// The sender will write no more (half-close).
+    Fin,
+    /// The stream is aborted in both directions.
+    Reset {
+        /// Machine-readable code.
+        code: String,
+        /// Human-readable text.
+        message: String,
     },
 }
 
@@ -307,6 +354,16 @@ fn msg_payload_len(msg: &Msg) -> usize {
         Msg::Reply { payload, .. } => payload.bytes().len(),
         Msg::ReplyError { message, .. } => message.len() + 255,
         Msg::Continuation { data } => data.len(),
+        Msg::Stream { op, .. } => {
+            12 + match op {
+                StreamOp::Open { name } => name.len(),
+                StreamOp::Refuse { message, .. } | StreamOp::Reset { message, .. } => {
+                    message.len() + 255
+                }
+                StreamOp::Data(d) => d.len(),
+                _ => 0,
+            }
+        }
     }
 }
 
@@ -341,6 +398,37 @@ fn encode_msg(buf: &mut BytesMut, msg: &Msg) -> Result<(), CodecError> {
         Msg::Continuation { data } => {
             buf.put_u8(MSG_CONTINUATION);
             buf.put_slice(data);
+        }
+        Msg::Stream { id, opener, op } => {
+            buf.put_u8(MSG_STREAM);
+            put_varint(buf, *id);
+            let code = |n: u8| if *opener { n | STREAM_OPENER } else { n };
+            match op {
+                StreamOp::Open { name } => {
+                    buf.put_u8(code(1));
+                    buf.put_slice(name.as_bytes());
+                }
+                StreamOp::Accept => buf.put_u8(code(2)),
+                StreamOp::Refuse { code: c, message } => {
+                    buf.put_u8(code(3));
+                    put_str8(buf, c, "code")?;
+                    buf.put_slice(message.as_bytes());
+                }
+                StreamOp::Data(d) => {
+                    buf.put_u8(code(4));
+                    buf.put_slice(d);
+                }
+                StreamOp::Credit(n) => {
+                    buf.put_u8(code(5));
+                    put_varint(buf, *n);
+                }
+                StreamOp::Fin => buf.put_u8(code(6)),
+                StreamOp::Reset { code: c, message } => {
+                    buf.put_u8(code(7));
+                    put_str8(buf, c, "code")?;
+                    buf.put_slice(message.as_bytes());
+                }
+            }
         }
     }
     Ok(())
@@ -389,6 +477,40 @@ fn decode_msg(r: &mut Reader<'_>, frame: &Bytes, flags: u8) -> Result<Msg, Codec
         MSG_CONTINUATION => Msg::Continuation {
             data: frame.slice(r.pos..),
         },
+        MSG_STREAM => {
+            let id = r.varint()?;
+            let b = r.u8()?;
+            let rest_str = |r: &mut Reader<'_>, what: &'static str| -> Result<String, CodecError> {
+                let rest = r.take(r.buf.len() - r.pos)?;
+                Ok(std::str::from_utf8(rest)
+                    .map_err(|_| CodecError::Utf8(what))?
+                    .to_owned())
+            };
+            let op = match b & !STREAM_OPENER {
+                1 => StreamOp::Open {
+                    name: rest_str(r, "stream name")?,
+                },
+                2 => StreamOp::Accept,
+                3 | 7 => {
+                    let code = r.str8("code")?.to_owned();
+                    let message = rest_str(r, "message")?;
+                    if b & !STREAM_OPENER == 3 {
+                        StreamOp::Refuse { code, message }
+                    } else {
+                        StreamOp::Reset { code, message }
+                    }
+                }
+                4 => StreamOp::Data(frame.slice(r.pos..)),
+                5 => StreamOp::Credit(r.varint()?),
+                6 => StreamOp::Fin,
+                k => return Err(CodecError::Kind(k)),
+            };
+            Msg::Stream {
+                id,
+                opener: b & STREAM_OPENER != 0,
+                op,
+            }
+        }
         k => return Err(CodecError::Kind(k)),
     })
 }
@@ -526,6 +648,23 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..64).prop_map(|v| Msg::Continuation {
                 data: Bytes::from(v)
             }),
+            (any::<u64>(), any::<bool>(), arb_stream_op())
+                .prop_map(|(id, opener, op)| Msg::Stream { id, opener, op }),
+        ]
+    }
+
+    fn arb_stream_op() -> impl Strategy<Value = StreamOp> {
+        prop_oneof![
+            ".{0,20}".prop_map(|name| StreamOp::Open { name }),
+            Just(StreamOp::Accept),
+            ("[a-zA-Z]{0,20}", ".{0,40}")
+                .prop_map(|(code, message)| StreamOp::Refuse { code, message }),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|v| StreamOp::Data(Bytes::from(v))),
+            any::<u64>().prop_map(StreamOp::Credit),
+            Just(StreamOp::Fin),
+            ("[a-zA-Z]{0,20}", ".{0,40}")
+                .prop_map(|(code, message)| StreamOp::Reset { code, message }),
         ]
     }
 

@@ -7,8 +7,8 @@ mod codec;
 mod control;
 
 pub use codec::{
-    Body, CodecError, FRAME_VERSION, Frame, MAX_ID_LEN, Msg, Route, WirePayload, peek_route,
-    relay_escape, relay_unescape, stamp_from,
+    Body, CodecError, FRAME_VERSION, Frame, MAX_ID_LEN, Msg, Route, StreamOp, WirePayload,
+    peek_route, relay_escape, relay_unescape, stamp_from,
 };
 pub use control::{
     ErrorBody, ErrorCode, ErrorMsg, MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo,
