@@ -9,9 +9,9 @@ use rust_socketio::Payload as SioPayload;
 use rust_socketio::asynchronous::Client;
 use serde_json::Value as Json;
 use socketio_p2p_signaling::protocol::{
-    Body, ErrorCode, ErrorMsg, Frame, Msg, Op, PROTOCOL_VERSION, PeerInfo, Presence, Request,
-    Response, Resume, Signal, SignalFrom, Welcome, WirePayload, events, relay_escape,
-    relay_unescape,
+    Body, CallFor, ErrorCode, ErrorMsg, Frame, Msg, Op, PROTOCOL_VERSION, PeerInfo, Presence,
+    Publication, Request, Response, Resume, Signal, SignalFrom, Welcome, WirePayload, events,
+    relay_escape, relay_unescape,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,6 +21,7 @@ use crate::negotiate::{Action, Negotiation};
 use crate::options::P2pOptions;
 use crate::payload::{Event, Payload, PeerEvent, Responder, Transport};
 use crate::rtc::{CandidateInit, RtcConfig, RtcEvent, RtcLink};
+use crate::services::ServiceTable;
 use crate::stream::{IncomingStream, StreamCmd, StreamTable};
 
 const TICK: Duration = Duration::from_millis(5);
@@ -74,6 +75,35 @@ pub(crate) enum Cmd {
     Close {
         done: oneshot::Sender<()>,
     },
+    Provide {
+        name: String,
+        service: Arc<socketio_p2p_signaling::Service>,
+        reply: oneshot::Sender<Result<Json>>,
+    },
+    Unprovide {
+        name: String,
+        reply: oneshot::Sender<Result<Json>>,
+    },
+    /// A service call: a request whose deadline is the caller's timeout.
+    Call {
+        op: Op,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<Json>>,
+    },
+    /// A call of one of our services finished: send the outcome to the server.
+    CallDone {
+        cid: u64,
+        outcome: socketio_p2p_signaling::protocol::CallOutcome,
+    },
+    Subscribe {
+        topic: String,
+        tx: mpsc::UnboundedSender<socketio_p2p_signaling::protocol::Publication>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Unsubscribe {
+        topic: String,
+        id: u64,
+    },
 }
 
 /// What the Socket.IO callbacks hand to the actor.
@@ -85,6 +115,8 @@ pub(crate) enum NetIn {
     Signal(Json),
     Presence(Json),
     Error(Json),
+    Call(Json),
+    Topic(Json),
     SocketError(String),
     Closed,
 }
@@ -104,6 +136,8 @@ impl NetIn {
             events::SIGNAL => NetIn::Signal(first_json(payload)?),
             events::PRESENCE => NetIn::Presence(first_json(payload)?),
             events::ERROR => NetIn::Error(first_json(payload)?),
+            events::CALL => NetIn::Call(first_json(payload)?),
+            events::TOPIC => NetIn::Topic(first_json(payload)?),
             _ => return None,
         })
     }
@@ -155,6 +189,14 @@ enum ReqKind {
     Hello,
     Pair,
     Signal,
+    /// Nobody waits for the answer (logged when it is an error).
+    Quiet,
+    Provide(
+        String,
+        Arc<socketio_p2p_signaling::Service>,
+        oneshot::Sender<Result<Json>>,
+    ),
+    Subscribe(String, u64, oneshot::Sender<Result<u64>>),
     Join(String, oneshot::Sender<Result<Json>>),
     Leave(String, oneshot::Sender<Result<Json>>),
     User(oneshot::Sender<Result<Json>>),
@@ -198,6 +240,7 @@ pub(crate) struct Actor {
     peer_events: mpsc::UnboundedSender<PeerEvent>,
     stream_rx: mpsc::UnboundedReceiver<StreamCmd>,
     streams: StreamTable,
+    services: ServiceTable,
     peers: HashMap<String, Peer>,
     rtc_keys: HashMap<u64, String>,
     next_key: u64,
@@ -269,6 +312,7 @@ impl Actor {
             peer_events: ch.peer_events,
             stream_rx: ch.stream_rx,
             streams: StreamTable::new(opts.stream_window as u64, ch.incoming, ch.stream_tx),
+            services: ServiceTable::default(),
             peers: HashMap::new(),
             rtc_keys: HashMap::new(),
             next_key: 0,
@@ -333,13 +377,17 @@ impl Actor {
     }
 
     async fn request(&mut self, op: Op, kind: ReqKind) {
-        self.next_rid += 1;
-        let rid = self.next_rid;
         let deadline = Instant::now()
             + match kind {
                 ReqKind::Pair => self.opts.pair_timeout + self.opts.request_timeout,
                 _ => self.opts.request_timeout,
             };
+        self.request_until(op, kind, deadline).await;
+    }
+
+    async fn request_until(&mut self, op: Op, kind: ReqKind, deadline: Instant) {
+        self.next_rid += 1;
+        let rid = self.next_rid;
         self.reqs.insert(rid, PendingReq { kind, deadline });
         let json = serde_json::to_value(Request { rid, op }).unwrap_or(Json::Null);
         self.emit_sio(events::REQUEST, SioPayload::Text(vec![json]))
@@ -422,6 +470,25 @@ impl Actor {
             NetIn::Error(v) => match serde_json::from_value::<ErrorMsg>(v) {
                 Ok(e) => self.on_server_error(e),
                 Err(e) => tracing::warn!(%e, "bad error message from the server"),
+            },
+            NetIn::Call(v) => match serde_json::from_value::<CallFor>(v) {
+                Ok(c) => {
+                    let service = self.services.provided.get(&c.service).cloned();
+                    let back = self.replies_tx.clone();
+                    tokio::spawn(async move {
+                        let outcome =
+                            crate::services::run_call(service, c.from, c.method, c.args).await;
+                        let _ = back.send(Cmd::CallDone {
+                            cid: c.cid,
+                            outcome,
+                        });
+                    });
+                }
+                Err(e) => tracing::warn!(%e, "bad call from the server"),
+            },
+            NetIn::Topic(v) => match serde_json::from_value::<Publication>(v) {
+                Ok(p) => self.services.deliver(p),
+                Err(e) => tracing::warn!(%e, "bad publication from the server"),
             },
             NetIn::SocketError(msg) if msg.contains("EngineIO") && self.registered => {
                 // The transport broke: rust_socketio reconnects by itself.
@@ -530,6 +597,25 @@ impl Actor {
                     tracing::debug!(%e, "signal refused by the server");
                 }
             }
+            ReqKind::Quiet => {
+                if let Err(e) = result {
+                    tracing::warn!(%e, "request refused by the server");
+                }
+            }
+            ReqKind::Provide(name, service, tx) => {
+                if result.is_ok() {
+                    self.services.provided.insert(name, service);
+                }
+                let _ = tx.send(result);
+            }
+            ReqKind::Subscribe(topic, id, tx) => {
+                if let Err(e) = result {
+                    self.services.remove_sub(&topic, id);
+                    let _ = tx.send(Err(e));
+                } else {
+                    let _ = tx.send(Ok(id));
+                }
+            }
             ReqKind::Hello => match result.and_then(|v| {
                 serde_json::from_value::<Welcome>(v).map_err(|e| Error::Serde(e.to_string()))
             }) {
@@ -611,6 +697,15 @@ impl Actor {
             }
         }
         if again {
+            // Services and subscriptions are ours: claim them again (the server may have
+            // restarted, or given us a new id).
+            let names: Vec<String> = self.services.provided.keys().cloned().collect();
+            for service in names {
+                self.request(Op::Provide { service }, ReqKind::Quiet).await;
+            }
+            for topic in self.services.topics() {
+                self.request(Op::Subscribe { topic }, ReqKind::Quiet).await;
+            }
             if let Some(peer_uid) = self.opts.peer_uid.clone() {
                 let op = Op::Pair {
                     peer_uid,
@@ -1100,6 +1195,49 @@ impl Actor {
 
     async fn on_cmd(&mut self, c: Cmd) {
         match c {
+            Cmd::Provide {
+                name,
+                service,
+                reply,
+            } => {
+                let op = Op::Provide {
+                    service: name.clone(),
+                };
+                self.request(op, ReqKind::Provide(name, service, reply))
+                    .await;
+            }
+            Cmd::Unprovide { name, reply } => {
+                self.services.provided.remove(&name);
+                self.request(Op::Unprovide { service: name }, ReqKind::User(reply))
+                    .await;
+            }
+            Cmd::Call { op, timeout, reply } => {
+                // The server answers `Timeout` at `timeout`; this deadline only matters
+                // when the server itself does not answer.
+                let deadline = Instant::now() + timeout + Duration::from_millis(500);
+                self.request_until(op, ReqKind::User(reply), deadline).await;
+            }
+            Cmd::CallDone { cid, outcome } => {
+                self.request(Op::CallResult { cid, outcome }, ReqKind::Quiet)
+                    .await;
+            }
+            Cmd::Subscribe { topic, tx, reply } => {
+                let (id, first) = self.services.add_sub(&topic, tx);
+                if first {
+                    let op = Op::Subscribe {
+                        topic: topic.clone(),
+                    };
+                    self.request(op, ReqKind::Subscribe(topic, id, reply)).await;
+                } else {
+                    let _ = reply.send(Ok(id));
+                }
+            }
+            Cmd::Unsubscribe { topic, id } => {
+                if self.services.remove_sub(&topic, id) && !self.stop {
+                    self.request(Op::Unsubscribe { topic }, ReqKind::Quiet)
+                        .await;
+                }
+            }
             Cmd::Emit {
                 target,
                 event,
@@ -1707,7 +1845,14 @@ impl Actor {
                     ReqKind::Pair => {
                         self.finish_ready(Err(Error::PeerOffline("pairing timed out".into())))
                     }
-                    ReqKind::Signal => {}
+                    ReqKind::Signal | ReqKind::Quiet => {}
+                    ReqKind::Provide(_, _, tx) => {
+                        let _ = tx.send(Err(e));
+                    }
+                    ReqKind::Subscribe(topic, id, tx) => {
+                        self.services.remove_sub(&topic, id);
+                        let _ = tx.send(Err(e));
+                    }
                 }
             }
         }
@@ -1749,8 +1894,17 @@ impl Actor {
         }
         self.streams.close_all(reason);
         for (_, r) in self.reqs.drain() {
-            if let ReqKind::User(tx) | ReqKind::Join(_, tx) | ReqKind::Leave(_, tx) = r.kind {
-                let _ = tx.send(Err(Error::Closed));
+            match r.kind {
+                ReqKind::User(tx)
+                | ReqKind::Join(_, tx)
+                | ReqKind::Leave(_, tx)
+                | ReqKind::Provide(_, _, tx) => {
+                    let _ = tx.send(Err(Error::Closed));
+                }
+                ReqKind::Subscribe(_, _, tx) => {
+                    let _ = tx.send(Err(Error::Closed));
+                }
+                _ => {}
             }
         }
         for (_, tx) in self.parked.drain(..) {

@@ -52,6 +52,15 @@ pub enum Error {
     /// WebRTC could not be set up with this peer (the relay keeps working).
     #[error("webrtc: {0}")]
     WebRtc(String),
+    /// Another peer (or the server) already provides that service.
+    #[error("service taken: {0}")]
+    ServiceTaken(String),
+    /// Nobody provides that service.
+    #[error("no such service: {0}")]
+    NoSuchService(String),
+    /// The service's provider went away (or stopped providing it) before it answered.
+    #[error("service gone: {0}")]
+    ServiceGone(String),
     /// The peer refused (or could not take) the stream.
     #[error("stream refused ({code}): {message}")]
     StreamRefused {
@@ -71,7 +80,10 @@ impl Error {
         match code {
             ErrorCode::UidTaken => Error::UidTaken(message),
             ErrorCode::PeerOffline | ErrorCode::UnknownPeer => Error::PeerOffline(message),
-            ErrorCode::PayloadTooLarge => Error::Rejected { code, message },
+            ErrorCode::ServiceTaken => Error::ServiceTaken(message),
+            ErrorCode::NoSuchService => Error::NoSuchService(message),
+            ErrorCode::ServiceGone => Error::ServiceGone(message),
+            ErrorCode::Timeout => Error::Timeout(message),
             code => Error::Rejected { code, message },
         }
     }

@@ -26,6 +26,7 @@ mod negotiate;
 mod options;
 mod payload;
 mod rtc;
+mod services;
 mod stream;
 
 use std::pin::Pin;
@@ -42,7 +43,10 @@ use tokio::sync::{mpsc, oneshot};
 pub use error::{Error, Result};
 pub use options::{DEFAULT_ROOM, IceServer, P2pOptions};
 pub use payload::{Event, Payload, PeerEvent, Transport};
+pub use services::{ServiceRef, Subscription};
+pub use socketio_p2p_signaling::protocol::Publication;
 pub use socketio_p2p_signaling::protocol::{ErrorCode, PeerInfo};
+pub use socketio_p2p_signaling::{Service, ServiceError};
 pub use stream::{IncomingStream, P2pStream};
 
 use actor::{Actor, Channels, Cmd, NetIn};
@@ -109,6 +113,8 @@ impl P2p {
             events::SIGNAL,
             events::PRESENCE,
             events::ERROR,
+            events::CALL,
+            events::TOPIC,
         ] {
             let tx = net_tx.clone();
             builder = builder.on(event, move |payload: SioPayload, _| {
@@ -276,6 +282,95 @@ impl P2p {
             })
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Provides a service under a name unique on the server: any peer (whatever its rooms)
+    /// can then call it with [`P2p::service`]. [`Error::ServiceTaken`] if a peer or the
+    /// server already provides that name. The service goes away with this peer.
+    ///
+    /// ```no_run
+    /// # async fn run(p2p: socketio_p2p::P2p) -> Result<(), socketio_p2p::Error> {
+    /// use socketio_p2p::{Service, ServiceError};
+    /// p2p.provide(
+    ///     "calc",
+    ///     Service::new().method("add", |(a, b): (i64, i64)| async move {
+    ///         Ok::<_, ServiceError>(a + b)
+    ///     }),
+    /// )
+    /// .await?;
+    /// // On any peer:
+    /// let sum: i64 = p2p.service("calc").call("add", (2, 3)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn provide(&self, name: &str, service: Service) -> Result<()> {
+        self.call(|reply| Cmd::Provide {
+            name: name.to_owned(),
+            service: Arc::new(service),
+            reply,
+        })
+        .await??;
+        Ok(())
+    }
+
+    /// Stops providing a service; calls in flight fail with [`Error::ServiceGone`].
+    pub async fn unprovide(&self, name: &str) -> Result<()> {
+        self.call(|reply| Cmd::Unprovide {
+            name: name.to_owned(),
+            reply,
+        })
+        .await??;
+        Ok(())
+    }
+
+    /// A service to call, provided by a peer or by the server (see [`ServiceRef::call`]).
+    pub fn service(&self, name: &str) -> ServiceRef<'_> {
+        ServiceRef {
+            p2p: self,
+            name: name.to_owned(),
+            timeout: self.inner.ack_timeout,
+        }
+    }
+
+    /// Subscribes to a topic: the [`Subscription`] yields every publication on it, once,
+    /// until it is dropped. Publications come through the server.
+    ///
+    /// ```no_run
+    /// # async fn run(p2p: socketio_p2p::P2p) -> Result<(), socketio_p2p::Error> {
+    /// let mut news = p2p.subscribe("news").await?;
+    /// p2p.publish("news", serde_json::json!({"title": "hello"})).await?;
+    /// while let Some(p) = news.recv().await {
+    ///     println!("{:?} from {:?}", p.data, p.from);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe(&self, topic: &str) -> Result<Subscription> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self
+            .call(|reply| Cmd::Subscribe {
+                topic: topic.to_owned(),
+                tx,
+                reply,
+            })
+            .await??;
+        Ok(Subscription {
+            topic: topic.to_owned(),
+            id,
+            rx,
+            cmds: self.inner.cmds.clone(),
+        })
+    }
+
+    /// Publishes `data` to every subscriber of `topic` (this peer too, if subscribed), each
+    /// once. Returns how many subscribers it reached.
+    pub async fn publish(&self, topic: &str, data: impl serde::Serialize) -> Result<usize> {
+        let data = serde_json::to_value(data).map_err(|e| Error::Serde(e.to_string()))?;
+        let v = self
+            .request(Op::Publish {
+                topic: topic.to_owned(),
+                data,
+            })
+            .await?;
+        Ok(v.as_u64().unwrap_or(0) as usize)
     }
 
     /// Streams this peer still keeps state for (diagnostics: 0 once every stream ended).

@@ -19,6 +19,8 @@
 //! # Ok(()) }
 //! ```
 pub mod protocol;
+mod service;
+pub use service::{Service, ServiceError};
 
 #[cfg(feature = "server")]
 mod server;

@@ -16,6 +16,11 @@ pub mod events {
     pub const PRESENCE: &str = "p2p:presence";
     /// Server → client error not tied to a request ([`super::ErrorMsg`]).
     pub const ERROR: &str = "p2p:error";
+    /// Server → provider: a call of one of its services ([`super::CallFor`]); the provider
+    /// answers with the `call_result` request.
+    pub const CALL: &str = "p2p:call";
+    /// Server → subscriber: a publication on a topic ([`super::Publication`]).
+    pub const TOPIC: &str = "p2p:topic";
 }
 
 /// Protocol version spoken by this crate (sent in `hello`).
@@ -90,6 +95,105 @@ pub enum Op {
         /// The signal.
         signal: Signal,
     },
+    /// Become the provider of a service (names are unique on the server). Replies `null`;
+    /// `ServiceTaken` if someone else provides it.
+    Provide {
+        /// Service name.
+        service: String,
+    },
+    /// Stop providing a service; calls in flight fail with `ServiceGone`. Replies `null`.
+    Unprovide {
+        /// Service name.
+        service: String,
+    },
+    /// Call a method of a service, wherever it runs (a peer or the server). Replies a
+    /// [`CallOutcome`]; `NoSuchService`, `ServiceGone` or `Timeout` when there is no answer.
+    Call {
+        /// Service name.
+        service: String,
+        /// Method name.
+        method: String,
+        /// Arguments (any JSON).
+        #[serde(default)]
+        args: serde_json::Value,
+        /// How long the server waits for the provider (default 30 s, at most 10 min).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// A provider's answer to a [`CallFor`]. Replies `null`.
+    CallResult {
+        /// The call id from [`CallFor`].
+        cid: u64,
+        /// The answer.
+        outcome: CallOutcome,
+    },
+    /// Receive the publications of a topic ([`events::TOPIC`]). Replies `null`.
+    Subscribe {
+        /// Topic name.
+        topic: String,
+    },
+    /// Stop receiving a topic. Replies `null`.
+    Unsubscribe {
+        /// Topic name.
+        topic: String,
+    },
+    /// Publish to every subscriber of a topic (the publisher too, if subscribed), each once.
+    /// Replies the number of subscribers reached.
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// What to publish (any JSON).
+        #[serde(default)]
+        data: serde_json::Value,
+    },
+}
+
+/// The answer of a service method: `{"ok": value}` or `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallOutcome {
+    /// The method's result.
+    Ok(serde_json::Value),
+    /// The method failed (or does not exist, or its arguments did not fit).
+    Error(CallError),
+}
+
+/// An error returned by a service method.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallError {
+    /// Machine-readable code (`UnknownMethod` and `BadArgs` are used by the library).
+    pub code: String,
+    /// Human-readable text.
+    pub message: String,
+}
+
+/// Server → provider `p2p:call`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallFor {
+    /// Call id, echoed in the `call_result` request.
+    pub cid: u64,
+    /// The caller.
+    pub from: PeerInfo,
+    /// Service name.
+    pub service: String,
+    /// Method name.
+    pub method: String,
+    /// Arguments.
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// Server → subscriber `p2p:topic`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Publication {
+    /// Topic name.
+    pub topic: String,
+    /// The publishing peer; `None` when the server published.
+    #[serde(default)]
+    pub from: Option<PeerInfo>,
+    /// What was published.
+    #[serde(default)]
+    pub data: serde_json::Value,
 }
 
 /// A reconnecting peer asks for its previous id back.
@@ -297,6 +401,14 @@ pub enum ErrorCode {
     BadSignal,
     /// The protocol versions do not match.
     Unsupported,
+    /// Another provider already provides that service.
+    ServiceTaken,
+    /// Nobody provides that service.
+    NoSuchService,
+    /// The provider went away (or stopped providing) before it answered.
+    ServiceGone,
+    /// The provider did not answer in time.
+    Timeout,
 }
 
 impl std::fmt::Display for ErrorCode {

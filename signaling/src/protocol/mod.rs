@@ -11,6 +11,7 @@ pub use codec::{
     peek_route, relay_escape, relay_unescape, stamp_from,
 };
 pub use control::{
-    ErrorBody, ErrorCode, ErrorMsg, MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo,
-    Presence, Request, Response, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
+    CallError, CallFor, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, MAX_CANDIDATE_LEN,
+    MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo, Presence, Publication, Request, Response, Resume,
+    RoomPeers, Signal, SignalFrom, Welcome, events,
 };

@@ -1,4 +1,5 @@
 //! `P2pSignaling`: the socketioxide middleware.
+mod services;
 mod state;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use crate::protocol::{
     Response, RoomPeers, SignalFrom, Welcome, events, peek_route, relay_escape, relay_unescape,
     stamp_from,
 };
+use services::ServiceOp;
 use state::{
     Conn, EmitFail, LocalUidRegistry, PeerSocket, PendingPair, State, TokenBucket, UidRegistry,
 };
@@ -339,6 +341,8 @@ impl P2pSignaling {
                 let n = st.next_token;
                 if let Some(conn) = st.conns.get_mut(&id).filter(|c| c.info.is_some()) {
                     conn.away = Some(n);
+                    let mut out = Outbox::default();
+                    self.services_away(&mut st, &id, &mut out);
                     let this = self.clone();
                     let away_id = id.clone();
                     tokio::spawn(async move {
@@ -352,6 +356,8 @@ impl P2pSignaling {
                             this.remove_now(&away_id);
                         }
                     });
+                    drop(st);
+                    out.flush();
                     return;
                 }
             }
@@ -366,6 +372,10 @@ impl P2pSignaling {
         let info = {
             let mut st = self.lock();
             let neighbours = st.neighbours(id);
+            if !st.conns.contains_key(id) {
+                return;
+            }
+            self.services_gone(&mut st, id, &mut out);
             let Some(conn) = st.conns.remove(id) else {
                 return;
             };
@@ -750,6 +760,40 @@ impl P2pSignaling {
                         return None;
                     }
                 }
+            }
+            Op::Provide { service } => {
+                return self.apply_service(st, &my_info, rid, ServiceOp::Provide(service), out);
+            }
+            Op::Unprovide { service } => {
+                return self.apply_service(st, &my_info, rid, ServiceOp::Unprovide(service), out);
+            }
+            Op::Call {
+                service,
+                method,
+                args,
+                timeout_ms,
+            } => {
+                let op = ServiceOp::Call {
+                    service,
+                    method,
+                    args,
+                    timeout_ms,
+                };
+                return self.apply_service(st, &my_info, rid, op, out);
+            }
+            Op::CallResult { cid, outcome } => {
+                let op = ServiceOp::Result { cid, outcome };
+                return self.apply_service(st, &my_info, rid, op, out);
+            }
+            Op::Subscribe { topic } => {
+                return self.apply_service(st, &my_info, rid, ServiceOp::Subscribe(topic), out);
+            }
+            Op::Unsubscribe { topic } => {
+                return self.apply_service(st, &my_info, rid, ServiceOp::Unsubscribe(topic), out);
+            }
+            Op::Publish { topic, data } => {
+                let op = ServiceOp::Publish { topic, data };
+                return self.apply_service(st, &my_info, rid, op, out);
             }
             Op::Signal { to, signal } => {
                 if let Err(e) = signal.validate() {

@@ -123,6 +123,8 @@ pub(crate) struct State {
     pub(crate) peer_of: HashMap<String, String>,
     /// Peer ids this server handed out, with their resume token and when.
     pub(crate) issued: HashMap<String, (String, Instant)>,
+    /// Services and topics.
+    pub(crate) services: super::services::Services,
 }
 
 impl State {
