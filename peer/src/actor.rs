@@ -25,6 +25,8 @@ use crate::services::ServiceTable;
 use crate::stream::{IncomingStream, StreamCmd, StreamTable};
 
 const TICK: Duration = Duration::from_millis(5);
+/// On close, how long the actor keeps going to deliver what is already queued.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Commands from `P2p` handles.
 pub(crate) enum Cmd {
@@ -258,6 +260,8 @@ pub(crate) struct Actor {
     pair_peer: Option<String>,
     /// Nonce of the echo that completes pairing.
     pair_echo: Option<u64>,
+    /// Closing: delivering what is queued until this deadline, then shutting down.
+    closing: Option<(Instant, String, Vec<oneshot::Sender<()>>)>,
     stop: bool,
 }
 
@@ -327,6 +331,7 @@ impl Actor {
             ready_deadline,
             pair_peer: None,
             pair_echo: None,
+            closing: None,
             stop: false,
             opts,
         }
@@ -350,16 +355,15 @@ impl Actor {
                 Some((key, ev)) = self.rtc_rx.recv() => self.on_rtc(key, ev).await,
                 Some(c) = self.replies.recv() => self.on_cmd(c).await,
                 Some(c) = self.stream_rx.recv() => self.on_stream_cmd(c),
-                c = self.cmds.recv() => match c {
+                c = self.cmds.recv(), if self.closing.is_none() => match c {
                     Some(c) => self.on_cmd(c).await,
-                    None => {
-                        // Every handle is gone.
-                        self.shutdown("every P2p handle was dropped").await;
-                    }
+                    // Every handle is gone.
+                    None => self.begin_close("every P2p handle was dropped", None),
                 },
                 _ = tick.tick() => self.on_tick().await,
             }
             self.flush().await;
+            self.check_closing().await;
         }
         let _ = self.client.disconnect().await;
     }
@@ -1355,10 +1359,7 @@ impl Actor {
             Cmd::LiveConnections { reply } => {
                 let _ = reply.send(self.peers.values().filter(|p| p.rtc.is_some()).count());
             }
-            Cmd::Close { done } => {
-                self.shutdown("closed by the application").await;
-                let _ = done.send(());
-            }
+            Cmd::Close { done } => self.begin_close("closed by the application", Some(done)),
         }
     }
 
@@ -1866,6 +1867,30 @@ impl Actor {
         }
         if self.ready.is_some() && now >= self.ready_deadline {
             self.finish_ready(Err(Error::Timeout("not ready in time".into())));
+        }
+    }
+
+    /// Starts closing: what is already queued to peers still goes out (for at most
+    /// [`LINGER`]), then everything shuts down.
+    fn begin_close(&mut self, reason: &str, done: Option<oneshot::Sender<()>>) {
+        let closing = self
+            .closing
+            .get_or_insert_with(|| (Instant::now() + LINGER, reason.to_owned(), Vec::new()));
+        closing.2.extend(done);
+    }
+
+    async fn check_closing(&mut self) {
+        let Some((deadline, _, _)) = &self.closing else {
+            return;
+        };
+        let drained = self.peers.values().all(|p| p.link.backlog() == 0);
+        if drained || Instant::now() >= *deadline || self.stop {
+            if let Some((_, reason, done)) = self.closing.take() {
+                self.shutdown(&reason).await;
+                for d in done {
+                    let _ = d.send(());
+                }
+            }
         }
     }
 

@@ -9,7 +9,9 @@ use socketio_p2p_tests::*;
 
 fn calc() -> Service {
     Service::new()
-        .method("add", |(a, b): (i64, i64)| async move { Ok::<_, ServiceError>(a + b) })
+        .method("add", |(a, b): (i64, i64)| async move {
+            Ok::<_, ServiceError>(a + b)
+        })
         .method("div", |(a, b): (i64, i64)| async move {
             if b == 0 {
                 return Err(ServiceError::new("DivByZero", "cannot divide by zero"));
@@ -20,9 +22,10 @@ fn calc() -> Service {
             std::future::pending::<()>().await;
             Ok::<_, ServiceError>(())
         })
-        .method_with_caller("whoami", |caller: socketio_p2p::PeerInfo, _: ()| async move {
-            Ok::<_, ServiceError>(caller.id)
-        })
+        .method_with_caller(
+            "whoami",
+            |caller: socketio_p2p::PeerInfo, _: ()| async move { Ok::<_, ServiceError>(caller.id) },
+        )
 }
 
 /// The same checks whoever provides "calc".
@@ -208,8 +211,5 @@ async fn topics_deliver_each_publication_once_and_unsubscribe_on_drop_and_discon
     assert!(wait_until(10, || async { s.signaling.subscribers("news") == 1 }).await);
     assert_eq!(c.publish("news", "x").await.unwrap(), 1);
     assert_eq!(c.publish("empty", "x").await.unwrap(), 0);
-    assert!(matches!(
-        c.subscribe("").await,
-        Err(Error::Rejected { .. })
-    ));
+    assert!(matches!(c.subscribe("").await, Err(Error::Rejected { .. })));
 }

@@ -401,3 +401,30 @@ async fn bytes_stay_intact_across_transport_switches() {
     w.await.unwrap().unwrap();
     assert_eq!(r.await.unwrap().unwrap(), size as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closing_right_after_writing_still_delivers_everything() {
+    let s = spawn_server().await;
+    for upgrade in [false, true] {
+        let (a, b) = if upgrade {
+            upgraded(&s).await
+        } else {
+            two(&s, relay_opts()).await
+        };
+        let (sa, sb) = open(&a, &b, "linger").await;
+        let size = 4 * 1024 * 1024;
+        let reader = tokio::spawn(read_pattern(sb, 11, counter(), no_pause));
+        write_pattern(sa, 11, size, counter()).await.unwrap();
+        // The writer closes at once (and drops everything): what is queued (up to a
+        // window) still arrives.
+        a.close().await;
+        drop(a);
+        let got = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("the reader never finished")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, size as u64);
+        b.close().await;
+    }
+}

@@ -123,7 +123,11 @@ impl P2pSignaling {
 
     /// How many peers are subscribed to `topic`.
     pub fn subscribers(&self, topic: &str) -> usize {
-        self.lock().services.topics.get(topic).map_or(0, HashSet::len)
+        self.lock()
+            .services
+            .topics
+            .get(topic)
+            .map_or(0, HashSet::len)
     }
 
     /// Names of the services provided, by peers or by the server, sorted.
