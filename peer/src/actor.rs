@@ -1884,12 +1884,12 @@ impl Actor {
             return;
         };
         let drained = self.peers.values().all(|p| p.link.backlog() == 0);
-        if drained || Instant::now() >= *deadline || self.stop {
-            if let Some((_, reason, done)) = self.closing.take() {
-                self.shutdown(&reason).await;
-                for d in done {
-                    let _ = d.send(());
-                }
+        if (drained || Instant::now() >= *deadline || self.stop)
+            && let Some((_, reason, done)) = self.closing.take()
+        {
+            self.shutdown(&reason).await;
+            for d in done {
+                let _ = d.send(());
             }
         }
     }
