@@ -151,16 +151,19 @@ async fn send(p2p: &P2p, file: &Path, to: &str, bars: &MultiProgress) -> Result<
     pb.finish();
     let ok = answer[0] == 1 && answer[1..] == digest[..];
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "sent {name}: {size} bytes in {secs:.2} s ({:.1} MB/s) via {transport}; sha256 {} {}",
-        size as f64 / secs / 1e6,
-        hex(&digest),
-        if ok {
-            "verified by the receiver"
-        } else {
-            "MISMATCH"
-        }
-    );
+    // Printed around the bars, so that they are not torn.
+    bars.suspend(|| {
+        println!(
+            "sent {name}: {size} bytes in {secs:.2} s ({:.1} MB/s) via {transport}; sha256 {} {}",
+            size as f64 / secs / 1e6,
+            hex(&digest),
+            if ok {
+                "verified by the receiver"
+            } else {
+                "MISMATCH"
+            }
+        )
+    });
     if ok {
         Ok(())
     } else {
@@ -216,12 +219,14 @@ async fn receive(
     stream.write_all(&answer).await?;
     stream.shutdown().await?;
     pb.finish();
-    println!(
-        "received {name} -> {}: {size} bytes, sha256 {} {}",
-        path.display(),
-        hex(&ours),
-        if ok { "verified" } else { "MISMATCH" }
-    );
+    bars.suspend(|| {
+        println!(
+            "received {name} -> {}: {size} bytes, sha256 {} {}",
+            path.display(),
+            hex(&ours),
+            if ok { "verified" } else { "MISMATCH" }
+        )
+    });
     if ok {
         Ok(path)
     } else {
