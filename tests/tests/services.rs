@@ -213,3 +213,44 @@ async fn topics_deliver_each_publication_once_and_unsubscribe_on_drop_and_discon
     assert_eq!(c.publish("empty", "x").await.unwrap(), 0);
     assert!(matches!(c.subscribe("").await, Err(Error::Rejected { .. })));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_and_subscriptions_come_back_after_a_server_restart() {
+    let mut server = CrashableServer::start(0);
+    let port = server.addr.port();
+    let provider = peer_at(&server.url()).await;
+    let caller = peer_at(&server.url()).await;
+    provider.provide("calc", calc()).await.unwrap();
+    let mut sub = caller.subscribe("news").await.unwrap();
+    let r: i64 = caller.service("calc").call("add", (1, 2)).await.unwrap();
+    assert_eq!(r, 3);
+    server.kill();
+    let _server2 = CrashableServer::start(port);
+    // The new server knows nothing: the peers claim their services and topics again.
+    assert!(
+        wait_until(30, || async {
+            let r: Result<i64, _> = caller.service("calc").call("add", (2, 2)).await;
+            r.ok() == Some(4)
+        })
+        .await,
+        "the service never came back"
+    );
+    assert!(
+        wait_until(30, || async {
+            provider.publish("news", "back").await.ok() == Some(1)
+        })
+        .await
+    );
+    let p = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.data, json!("back"));
+}
+
+async fn peer_at(url: &str) -> P2p {
+    tokio::time::timeout(Duration::from_secs(20), P2p::connect(url, relay_opts()))
+        .await
+        .unwrap()
+        .unwrap()
+}
