@@ -63,6 +63,11 @@ pub(crate) struct Link {
     first_unacked_at: Option<Instant>,
     nacked_at: u64,
     max_message: usize,
+    /// After a go-back for a frame the server dropped (`Busy`): its seq. Reports for later
+    /// frames are about the transmission that go-back already repeats, so they are ignored
+    /// until the acknowledgements pass this point (the retransmission timer still covers
+    /// frames dropped again).
+    dropped_goback: Option<u64>,
 }
 
 impl Link {
@@ -82,6 +87,7 @@ impl Link {
             ack_sent: 0,
             first_unacked_at: None,
             nacked_at: 0,
+            dropped_goback: None,
             max_message,
         }
     }
@@ -153,8 +159,15 @@ impl Link {
 
     /// The relay dropped frame `seq` (the server said Busy): resend from it.
     pub(crate) fn on_dropped(&mut self, seq: u64, now: Instant) {
+        if self.dropped_goback.is_some_and(|g| g <= self.acked) {
+            self.dropped_goback = None;
+        }
+        if self.dropped_goback.is_some_and(|g| seq >= g) {
+            return;
+        }
         if seq > self.acked && seq <= self.sent_upto {
             self.sent_upto = seq - 1;
+            self.dropped_goback = Some(seq);
             self.last_progress = now;
         }
     }
@@ -568,6 +581,33 @@ mod tests {
             Some((3, false)),
             "a quarter window: at once"
         );
+    }
+
+    #[test]
+    fn a_burst_of_drop_reports_goes_back_once() {
+        let t0 = Instant::now();
+        let mut a = Link::new("b", 100, 1 << 20, t0);
+        for i in 0..100 {
+            a.push(ev(i)).ok();
+        }
+        let mut out = Vec::new();
+        a.poll_transmit(&mut out);
+        assert_eq!(out.len(), 100);
+        // The server dropped frames 10..=100 of that transmission: one go-back, not 91.
+        let mut resent = 0;
+        for seq in 10..=100 {
+            a.on_dropped(seq, t0);
+            out.clear();
+            a.poll_transmit(&mut out);
+            resent += out.len();
+        }
+        assert_eq!(resent, 91);
+        // Once acknowledged past that point, a new drop report counts again.
+        a.on_ack(50, false, t0);
+        a.on_dropped(60, t0);
+        out.clear();
+        a.poll_transmit(&mut out);
+        assert_eq!(out.first().map(|f| data_of(f).0), Some(60));
     }
 
     #[test]
