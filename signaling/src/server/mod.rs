@@ -1,5 +1,10 @@
 //! `P2pSignaling`: the socketioxide middleware.
+#[cfg(feature = "redis")]
+mod cluster;
 mod state;
+
+#[cfg(feature = "redis")]
+pub use cluster::RedisCluster;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -136,6 +141,9 @@ struct Inner {
     instance: String,
     state: Mutex<State>,
     uids: Box<dyn UidRegistry>,
+    /// Set when this server is one node of a Redis cluster.
+    #[cfg(feature = "redis")]
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// The signaling and relay middleware. Cheap to clone; every clone is the same server.
@@ -237,6 +245,8 @@ impl P2pSignaling {
                 opts,
                 state: Mutex::new(State::default()),
                 uids: Box::new(LocalUidRegistry::default()),
+                #[cfg(feature = "redis")]
+                cluster: None,
             }),
         }
     }
@@ -369,6 +379,8 @@ impl P2pSignaling {
             let Some(conn) = st.conns.remove(id) else {
                 return;
             };
+            #[cfg(feature = "redis")]
+            self.cluster_down(&mut st, id);
             for room in &conn.rooms {
                 if let Some(members) = st.rooms.get_mut(room) {
                     members.remove(id);
@@ -604,6 +616,8 @@ impl P2pSignaling {
                     room_peers.push(RoomPeers { room, peers });
                 }
                 *joined = Some(info.clone());
+                #[cfg(feature = "redis")]
+                self.cluster_up(st, id);
                 // The welcome goes out before any `paired` it triggers: the peer must know its
                 // own id before it meets anyone.
                 let now = std::time::Instant::now();
@@ -647,6 +661,8 @@ impl P2pSignaling {
                 if !already && n >= self.inner.opts.max_rooms_per_peer {
                     return Some(Err((ErrorCode::BadRequest, "too many rooms".into())));
                 }
+                #[cfg(feature = "redis")]
+                self.cluster_join(id, &room);
                 Ok(to_json(&self.join_room(st, id, &my_info, &room, out)))
             }
             Op::Leave { room } => {
@@ -663,6 +679,8 @@ impl P2pSignaling {
                         st.rooms.remove(&room);
                     }
                 }
+                #[cfg(feature = "redis")]
+                self.cluster_leave(id, &room);
                 let msg = to_json(&Presence::Left {
                     room: room.clone(),
                     peer: my_info.clone(),
@@ -817,6 +835,8 @@ impl P2pSignaling {
         if let Some(c) = st.conns.get_mut(a) {
             c.pairs.insert(b.to_owned());
         }
+        #[cfg(feature = "redis")]
+        self.cluster_pair(a, b);
         if let Some(c) = st.conns.get_mut(b) {
             c.pairs.insert(a.to_owned());
         }

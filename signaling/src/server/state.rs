@@ -123,6 +123,9 @@ pub(crate) struct State {
     pub(crate) peer_of: HashMap<String, String>,
     /// Peer ids this server handed out, with their resume token and when.
     pub(crate) issued: HashMap<String, (String, Instant)>,
+    /// Peers of other nodes (peer id -> node), mirrored from the cluster.
+    #[cfg(feature = "redis")]
+    pub(crate) remote: HashMap<String, String>,
 }
 
 impl State {
