@@ -554,6 +554,7 @@ impl P2pSignaling {
     }
 
     fn apply_ctl(&self, link: &Arc<Cluster>, node: &str, ctl: Ctl) {
+        tracing::trace!(?ctl, %node, "cluster message");
         match ctl {
             Ctl::Heartbeat => {}
             Ctl::SyncRequest => {
