@@ -1,6 +1,7 @@
 //! Multi-node harness: a real redis-server on a free loopback port, signaling nodes sharing it.
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socketio_p2p_signaling::{P2pSignaling, RedisCluster, SignalingOptions, redis};
@@ -180,5 +181,68 @@ impl CrashableNode {
 impl Drop for CrashableNode {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A TCP forwarder in front of the nodes, like a load balancer: `switch` cuts every
+/// connection and sends the new ones to another node.
+pub struct Switch {
+    pub addr: SocketAddr,
+    target: Arc<Mutex<SocketAddr>>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Switch {
+    pub async fn start(target: SocketAddr) -> Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let target = Arc::new(Mutex::new(target));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
+        let (to, list) = (target.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let dest = *to.lock().unwrap_or_else(|e| e.into_inner());
+                let h = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(dest).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                list.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(h.abort_handle());
+            }
+        });
+        Switch {
+            addr,
+            target,
+            conns,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// New connections go to `target`; the current ones are cut.
+    pub fn switch(&self, target: SocketAddr) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+        for h in self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -338,3 +338,70 @@ async fn node_death_announces_disconnects_and_frees_uids() {
     eprintln!("uid free {:?} after the death was noticed", t.elapsed());
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_moved_to_another_node_resumes_with_its_id_and_uid() {
+    let redis = RedisServer::start();
+    let opts = socketio_p2p_signaling::SignalingOptions::default()
+        .resume_grace(Duration::from_millis(300));
+    let n1 = spawn_node_with(redis.cluster("move"), opts.clone()).await;
+    let n2 = spawn_node_with(redis.cluster("move"), opts).await;
+    let lb = Switch::start(n1.addr).await;
+    let a = peer(&n1, relay_opts().room("r")).await;
+    let b = P2p::connect(&lb.url(), relay_opts().uid("bob").room("r"))
+        .await
+        .unwrap();
+    wait_peers(&a, 1).await;
+    wait_peers(&b, 1).await;
+    let bid = b.id().to_owned();
+    let mut a_events = a.peer_events();
+    let mut b_events = b.peer_events();
+    let mut at_a = collect(&a, "m");
+    let mut at_b = collect(&b, "m");
+
+    // The load balancer sends b's next connection to node 2.
+    lb.switch(n2.addr);
+    let continued = wait_event(&mut b_events, 30, |ev| match ev {
+        PeerEvent::Reconnected { continued } => Some(continued),
+        _ => None,
+    })
+    .await;
+    assert!(continued, "the resume on another node was refused");
+    assert_eq!(b.id(), bid);
+    assert!(
+        wait_until(10, || async {
+            n2.signaling.peers().iter().any(|p| p.id == bid)
+        })
+        .await
+    );
+    b.emit("m", "from node 2").await.unwrap();
+    assert_eq!(
+        recv(&mut at_a, 10).await.json::<String>().unwrap(),
+        "from node 2"
+    );
+    a.to(&bid).emit("m", "to node 2").await.unwrap();
+    assert_eq!(
+        recv(&mut at_b, 10).await.json::<String>().unwrap(),
+        "to node 2"
+    );
+    // The uid moved with it, and node 1's grace period (300 ms) announces nothing: a hears of
+    // no disconnect for three grace periods.
+    let e = P2p::connect(&n1.url(), relay_opts().uid("bob"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::UidTaken(_)), "{e:?}");
+    let quiet = tokio::time::timeout(
+        Duration::from_millis(900),
+        wait_event(&mut a_events, 1, |ev| match ev {
+            PeerEvent::Disconnected { peer } if peer.id == bid => Some(()),
+            _ => None,
+        }),
+    )
+    .await;
+    assert!(quiet.is_err(), "a was told b disconnected");
+    a.to(&bid).emit("m", "still there").await.unwrap();
+    assert_eq!(
+        recv(&mut at_b, 10).await.json::<String>().unwrap(),
+        "still there"
+    );
+}

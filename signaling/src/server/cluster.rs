@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use super::state::{Conn, EmitFail, PeerSocket, State, TokenBucket, UidRegistry};
 use super::{Inner, Outbox, P2pSignaling, SignalingOptions, new_token, to_json};
 use crate::protocol::{
-    Body, ErrorBody, ErrorCode, ErrorMsg, Frame, PeerInfo, Presence, events, relay_unescape,
+    Body, ErrorBody, ErrorCode, ErrorMsg, Frame, PeerInfo, Presence, Resume, events, relay_unescape,
 };
 
 /// How a [`P2pSignaling`] joins a cluster of nodes sharing one redis-server; give it to
@@ -229,10 +229,12 @@ enum Ctl {
     Sync {
         peers: Vec<SyncPeer>,
     },
-    /// A peer registered (or resumed) with these rooms.
+    /// A peer registered (or resumed) with these rooms; `token` lets it resume on any node.
     Up {
         peer: PeerInfo,
         rooms: Vec<String>,
+        #[serde(default)]
+        token: Option<String>,
     },
     Join {
         id: String,
@@ -256,6 +258,8 @@ struct SyncPeer {
     peer: PeerInfo,
     rooms: Vec<String>,
     pairs: Vec<String>,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 /// A message for the publishing task.
@@ -452,6 +456,7 @@ impl P2pSignaling {
             c.publish(&Ctl::Up {
                 peer: info.clone(),
                 rooms,
+                token: st.issued.get(id).map(|(t, _)| t.clone()),
             });
         }
     }
@@ -496,17 +501,108 @@ impl P2pSignaling {
         }
     }
 
+    /// Hook, before a `hello` decides on its resume: a peer of another node that resumes
+    /// here with its token becomes an away peer of ours, so that the ordinary resume takes it
+    /// (same id, rooms, pairs and uid; the other node hears of it from our `Up`).
+    pub(super) fn cluster_take_over(&self, st: &mut State, resume: Option<&Resume>) {
+        let Some(r) = resume else { return };
+        if !st.remote.contains_key(&r.id) || st.issued.get(&r.id).is_none_or(|(t, _)| *t != r.token)
+        {
+            return;
+        }
+        st.next_token += 1;
+        let n = st.next_token;
+        let Some(conn) = st.conns.get_mut(&r.id) else {
+            return;
+        };
+        conn.away = Some(n);
+        st.remote.remove(&r.id);
+        tracing::debug!(id = %r.id, "peer of another node resumes here");
+        // Should the resume fail after all, the peer is gone once the grace period ends.
+        let this = self.clone();
+        let id = r.id.clone();
+        let grace = self.inner.opts.resume_grace;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let still_away = this
+                .lock()
+                .conns
+                .get(&id)
+                .is_some_and(|c| c.away == Some(n));
+            if still_away {
+                this.remove_now(&id);
+            }
+        });
+    }
+
+    /// Our peer `id` resumed on `node`: it becomes a peer of that node, silently.
+    fn moved_away(&self, link: &Arc<Cluster>, st: &mut State, id: &str, node: &str) {
+        let Some(conn) = st.conns.get_mut(id) else {
+            return;
+        };
+        conn.socket = Arc::new(RemoteSocket {
+            peer: id.to_owned(),
+            node: node.to_owned(),
+            cluster: link.clone(),
+        });
+        conn.away = None;
+        if let Some(uid) = conn.info.as_ref().and_then(|i| i.uid.as_deref()) {
+            guard(&link.uids.local).remove(uid);
+        }
+        st.remote.insert(id.to_owned(), node.to_owned());
+        // The old connection (whatever socket id it has) must not act for the peer any more:
+        // map it to an id nobody has.
+        for v in st.peer_of.values_mut() {
+            if v == id {
+                v.clear();
+            }
+        }
+        st.peer_of.insert(id.to_owned(), String::new());
+        // Its pairing requests start again over there.
+        for waiting in st.pending_pairs.values_mut() {
+            waiting.retain(|w| w.requester != id);
+        }
+        st.pending_pairs.retain(|_, w| !w.is_empty());
+        tracing::debug!(%id, %node, "peer resumed on another node");
+    }
+
     /// A peer of `node` registered, or was listed in its sync.
-    fn apply_up(&self, link: &Arc<Cluster>, node: &str, info: PeerInfo, rooms: Vec<String>) {
+    fn apply_up(
+        &self,
+        link: &Arc<Cluster>,
+        node: &str,
+        info: PeerInfo,
+        rooms: Vec<String>,
+        token: Option<String>,
+    ) {
         let mut out = Outbox::default();
         let id = info.id.clone();
         let newly = {
             let mut st = self.lock();
             let st = &mut *st;
+            if let Some(token) = token {
+                st.issued.insert(id.clone(), (token, Instant::now()));
+            }
             let newly = match st.remote.get(&id) {
                 Some(n) if n == node => false,
-                Some(_) => return,
-                None if st.conns.contains_key(&id) => return,
+                // Our peer resumed on `node` (with the token we issued): it lives there now.
+                // Nobody is told anything; its old connection here no longer speaks for it.
+                None if st.conns.contains_key(&id) => {
+                    self.moved_away(link, st, &id, node);
+                    false
+                }
+                // It moved from another node to `node`.
+                Some(_) => {
+                    st.remote.insert(id.clone(), node.to_owned());
+                    if let Some(c) = st.conns.get_mut(&id) {
+                        c.socket = Arc::new(RemoteSocket {
+                            peer: id.clone(),
+                            node: node.to_owned(),
+                            cluster: link.clone(),
+                        });
+                    }
+                    false
+                }
                 None => true,
             };
             if newly {
@@ -566,8 +662,10 @@ impl P2pSignaling {
                         .filter_map(|(_, c)| {
                             let mut rooms: Vec<String> = c.rooms.iter().cloned().collect();
                             rooms.sort();
+                            let peer = c.info.clone()?;
                             Some(SyncPeer {
-                                peer: c.info.clone()?,
+                                token: st.issued.get(&peer.id).map(|(t, _)| t.clone()),
+                                peer,
                                 rooms,
                                 pairs: c.pairs.iter().cloned().collect(),
                             })
@@ -592,13 +690,13 @@ impl P2pSignaling {
                 let mut pairs = Vec::new();
                 for p in peers {
                     pairs.extend(p.pairs.into_iter().map(|b| (p.peer.id.clone(), b)));
-                    self.apply_up(link, node, p.peer, p.rooms);
+                    self.apply_up(link, node, p.peer, p.rooms, p.token);
                 }
                 for (a, b) in pairs {
                     self.apply_pair(node, &a, &b);
                 }
             }
-            Ctl::Up { peer, rooms } => self.apply_up(link, node, peer, rooms),
+            Ctl::Up { peer, rooms, token } => self.apply_up(link, node, peer, rooms, token),
             Ctl::Join { id, room } => {
                 let mut out = Outbox::default();
                 {

@@ -553,6 +553,8 @@ impl P2pSignaling {
                     /// nobody was told the peer left.
                     Restart(String),
                 }
+                #[cfg(feature = "redis")]
+                self.cluster_take_over(st, resume.as_ref());
                 let plan = match resume {
                     Some(r)
                         if r.id != id
@@ -616,8 +618,6 @@ impl P2pSignaling {
                     room_peers.push(RoomPeers { room, peers });
                 }
                 *joined = Some(info.clone());
-                #[cfg(feature = "redis")]
-                self.cluster_up(st, id);
                 // The welcome goes out before any `paired` it triggers: the peer must know its
                 // own id before it meets anyone.
                 let now = std::time::Instant::now();
@@ -625,6 +625,8 @@ impl P2pSignaling {
                     .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(24 * 3600));
                 let token = format!("{}.{}", self.inner.instance, new_token(id));
                 st.issued.insert(id.to_owned(), (token.clone(), now));
+                #[cfg(feature = "redis")]
+                self.cluster_up(st, id);
                 tracing::debug!(%id, continued, "peer registered");
                 let welcome = Welcome {
                     id: id.to_owned(),
