@@ -405,3 +405,88 @@ async fn peer_moved_to_another_node_resumes_with_its_id_and_uid() {
         "still there"
     );
 }
+
+/// A node whose `SocketIo` itself runs on socketioxide-redis's adapter, as an application
+/// that broadcasts across nodes would build it.
+async fn spawn_adapter_node(
+    redis: &RedisServer,
+    prefix: &str,
+) -> (
+    std::net::SocketAddr,
+    socketioxide::SocketIo<socketioxide_redis::RedisAdapter<socketioxide::adapter::Emitter>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use socketio_p2p_signaling::{P2pSignaling, SignalingOptions, redis as r};
+    use socketioxide_redis::{RedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
+    let client = r::Client::open(format!("{}?protocol=resp3", redis.url)).unwrap();
+    let config = RedisAdapterConfig::default().with_prefix(format!("sio-{prefix}"));
+    let ctr = RedisAdapterCtr::new_with_redis_config(&client, config)
+        .await
+        .unwrap();
+    let (layer, io) = socketioxide::SocketIo::builder()
+        .max_buffer_size(4096)
+        .with_adapter::<RedisAdapter<_>>(ctr)
+        .build_layer();
+    let signaling = P2pSignaling::with_redis(SignalingOptions::default(), redis.cluster(prefix))
+        .await
+        .unwrap();
+    signaling.attach(&io).await.unwrap();
+    let app = axum::Router::new().layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(nodelay(listener), app).await;
+    });
+    (addr, io, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_built_on_the_socketioxide_redis_adapter() {
+    use futures_util::FutureExt;
+    let redis = RedisServer::start();
+    let (addr1, io1, t1) = spawn_adapter_node(&redis, "adapter").await;
+    let (addr2, _io2, t2) = spawn_adapter_node(&redis, "adapter").await;
+    let a = P2p::connect(&format!("http://{addr1}"), relay_opts())
+        .await
+        .unwrap();
+    let b = P2p::connect(&format!("http://{addr2}"), relay_opts())
+        .await
+        .unwrap();
+    wait_peers(&a, 1).await;
+    wait_peers(&b, 1).await;
+    let mut got = collect(&b, "m");
+    a.emit("m", "over the adapter").await.unwrap();
+    assert_eq!(
+        recv(&mut got, 10).await.json::<String>().unwrap(),
+        "over the adapter"
+    );
+    b.on("q", |ev| {
+        ev.reply("a");
+    });
+    let r = a.to(b.id()).emit_with_ack("q", ()).await.unwrap();
+    assert_eq!(r, Payload::from("a"));
+    // The application's own broadcast from node 1 reaches a plain client on node 2.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _client = rust_socketio::asynchronous::ClientBuilder::new(format!("http://{addr2}"))
+        .on("news", move |p, _| {
+            let _ = tx.send(p);
+            async {}.boxed()
+        })
+        .connect()
+        .await
+        .unwrap();
+    let mut seen = false;
+    for _ in 0..100 {
+        io1.emit("news", "hello all").await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(100), rx.recv())
+            .await
+            .is_ok()
+        {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "the adapter broadcast never reached node 2");
+    t1.abort();
+    t2.abort();
+}
