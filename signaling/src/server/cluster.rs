@@ -403,7 +403,12 @@ impl P2pSignaling {
             known: Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
         });
-        let manager = redis::aio::ConnectionManager::new(cluster.client.clone()).await?;
+        let wait = cluster.io_timeout.max(Duration::from_secs(1)) * 5;
+        let manager = in_time(
+            wait,
+            redis::aio::ConnectionManager::new(cluster.client.clone()),
+        )
+        .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Cluster {
             node: node.clone(),
@@ -414,16 +419,16 @@ impl P2pSignaling {
             uids: uids.clone(),
         });
         let channels = [link.all_channel(), link.node_channel(&node)];
-        let pubsub = subscribe(&cluster.client, &channels).await?;
-        let sig = P2pSignaling {
-            inner: Arc::new(Inner {
-                instance: new_token("instance")[..12].to_owned(),
-                opts,
-                state: Mutex::new(State::default()),
-                uids: Box::new(SharedUids(uids)),
-                cluster: Some(link.clone()),
-            }),
+        let pubsub = in_time(wait, subscribe(&cluster.client, &channels)).await?;
+        let mut sig = P2pSignaling::new(opts);
+        let Some(inner) = Arc::get_mut(&mut sig.inner) else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "signaling server shared before it was set up",
+            )));
         };
+        inner.uids = Box::new(SharedUids(uids));
+        inner.cluster = Some(link.clone());
         tokio::spawn(publisher(manager, rx, link.queued_frames.clone(), ttl_ms));
         link.publish(&Ctl::Heartbeat);
         link.publish(&Ctl::SyncRequest);
@@ -883,6 +888,18 @@ impl P2pSignaling {
             let _ = link.tx.send(Out::Eval(uids));
         }
     }
+}
+
+async fn in_time<T>(
+    wait: Duration,
+    f: impl Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(wait, f).await.unwrap_or_else(|_| {
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "redis did not answer in time",
+        )))
+    })
 }
 
 async fn subscribe(
