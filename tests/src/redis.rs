@@ -67,13 +67,14 @@ impl RedisServer {
     }
 
     /// The cluster settings for nodes of one test: a prefix of their own, so that tests can
-    /// share one server; short heartbeats so that dead nodes are noticed quickly.
+    /// share one server; heartbeats every 200 ms, a node silent for 2 s is dead (tolerant of a
+    /// busy machine; the node-death test shortens it).
     pub fn cluster(&self, prefix: &str) -> RedisCluster {
         let client = redis::Client::open(self.url.as_str()).expect("redis url");
         RedisCluster::new(client)
             .prefix(format!("test-{}-{prefix}", std::process::id()))
             .heartbeat(Duration::from_millis(200))
-            .node_timeout(Duration::from_secs(1))
+            .node_timeout(Duration::from_secs(2))
     }
 }
 
