@@ -14,6 +14,9 @@ use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};
 use socketioxide::SocketIo;
 use tokio::sync::mpsc;
 
+mod redis;
+pub use self::redis::*;
+
 pub struct Server {
     pub addr: SocketAddr,
     pub signaling: P2pSignaling,

@@ -1,6 +1,11 @@
 //! `P2pSignaling`: the socketioxide middleware.
+#[cfg(feature = "redis")]
+mod cluster;
 mod services;
 mod state;
+
+#[cfg(feature = "redis")]
+pub use cluster::RedisCluster;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -138,6 +143,9 @@ struct Inner {
     instance: String,
     state: Mutex<State>,
     uids: Box<dyn UidRegistry>,
+    /// Set when this server is one node of a Redis cluster.
+    #[cfg(feature = "redis")]
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// The signaling and relay middleware. Cheap to clone; every clone is the same server.
@@ -239,6 +247,8 @@ impl P2pSignaling {
                 opts,
                 state: Mutex::new(State::default()),
                 uids: Box::new(LocalUidRegistry::default()),
+                #[cfg(feature = "redis")]
+                cluster: None,
             }),
         }
     }
@@ -379,6 +389,8 @@ impl P2pSignaling {
             let Some(conn) = st.conns.remove(id) else {
                 return;
             };
+            #[cfg(feature = "redis")]
+            self.cluster_down(&mut st, id);
             for room in &conn.rooms {
                 if let Some(members) = st.rooms.get_mut(room) {
                     members.remove(id);
@@ -551,6 +563,8 @@ impl P2pSignaling {
                     /// nobody was told the peer left.
                     Restart(String),
                 }
+                #[cfg(feature = "redis")]
+                self.cluster_take_over(st, resume.as_ref());
                 let plan = match resume {
                     Some(r)
                         if r.id != id
@@ -621,6 +635,8 @@ impl P2pSignaling {
                     .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(24 * 3600));
                 let token = format!("{}.{}", self.inner.instance, new_token(id));
                 st.issued.insert(id.to_owned(), (token.clone(), now));
+                #[cfg(feature = "redis")]
+                self.cluster_up(st, id);
                 tracing::debug!(%id, continued, "peer registered");
                 let welcome = Welcome {
                     id: id.to_owned(),
@@ -657,6 +673,8 @@ impl P2pSignaling {
                 if !already && n >= self.inner.opts.max_rooms_per_peer {
                     return Some(Err((ErrorCode::BadRequest, "too many rooms".into())));
                 }
+                #[cfg(feature = "redis")]
+                self.cluster_join(id, &room);
                 Ok(to_json(&self.join_room(st, id, &my_info, &room, out)))
             }
             Op::Leave { room } => {
@@ -673,6 +691,8 @@ impl P2pSignaling {
                         st.rooms.remove(&room);
                     }
                 }
+                #[cfg(feature = "redis")]
+                self.cluster_leave(id, &room);
                 let msg = to_json(&Presence::Left {
                     room: room.clone(),
                     peer: my_info.clone(),
@@ -861,6 +881,8 @@ impl P2pSignaling {
         if let Some(c) = st.conns.get_mut(a) {
             c.pairs.insert(b.to_owned());
         }
+        #[cfg(feature = "redis")]
+        self.cluster_pair(a, b);
         if let Some(c) = st.conns.get_mut(b) {
             c.pairs.insert(a.to_owned());
         }

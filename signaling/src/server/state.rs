@@ -125,6 +125,9 @@ pub(crate) struct State {
     pub(crate) issued: HashMap<String, (String, Instant)>,
     /// Services and topics.
     pub(crate) services: super::services::Services,
+    /// Peers of other nodes (peer id -> node), mirrored from the cluster.
+    #[cfg(feature = "redis")]
+    pub(crate) remote: HashMap<String, String>,
 }
 
 impl State {
