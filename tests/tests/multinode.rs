@@ -492,3 +492,146 @@ async fn nodes_built_on_the_socketioxide_redis_adapter() {
     t1.abort();
     t2.abort();
 }
+
+fn calc() -> socketio_p2p::Service {
+    use socketio_p2p::ServiceError;
+    socketio_p2p::Service::new()
+        .method("add", |(a, b): (i64, i64)| async move {
+            Ok::<_, ServiceError>(a + b)
+        })
+        .method("fail", |_: ()| async move {
+            Err::<(), _>(ServiceError::new("Nope", "always fails"))
+        })
+        .method("hang", |_: ()| async move {
+            std::future::pending::<()>().await;
+            Ok::<_, ServiceError>(())
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_services_unique_names_and_provider_loss() {
+    let redis = RedisServer::start();
+    let n1 = spawn_node(redis.cluster("svc")).await;
+    let n2 = spawn_node(redis.cluster("svc")).await;
+    // Services are not scoped by rooms: the peers share none.
+    let provider = peer(&n1, relay_opts().room("p")).await;
+    let caller = peer(&n2, relay_opts().room("c")).await;
+    let rival = peer(&n2, relay_opts().room("r")).await;
+    provider.provide("calc", calc()).await.unwrap();
+    // The name is taken cluster-wide.
+    assert!(matches!(
+        rival.provide("calc", calc()).await,
+        Err(Error::ServiceTaken(_))
+    ));
+    assert!(
+        wait_until(10, || async {
+            let r: Result<i64, _> = caller.service("calc").call("add", (2, 3)).await;
+            r.ok() == Some(5)
+        })
+        .await,
+        "a call from node 2 never reached the provider on node 1"
+    );
+    match caller.service("calc").call::<()>("fail", ()).await {
+        Err(Error::Remote { code, .. }) => assert_eq!(code, "Nope"),
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    let calls = (0..100i64).map(|i| {
+        let caller = caller.clone();
+        async move {
+            let r: i64 = caller.service("calc").call("add", (i, 1)).await.unwrap();
+            assert_eq!(r, i + 1);
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    // The provider leaves during a call: the caller on the other node hears at once.
+    let c2 = caller.clone();
+    let pending = tokio::spawn(async move {
+        c2.service("calc")
+            .timeout(Duration::from_secs(60))
+            .call::<()>("hang", ())
+            .await
+    });
+    let r: i64 = caller.service("calc").call("add", (0, 0)).await.unwrap();
+    assert_eq!(r, 0);
+    let started = Instant::now();
+    provider.close().await;
+    match tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the call in flight never failed")
+        .unwrap()
+    {
+        Err(Error::ServiceGone(_)) => {}
+        other => panic!("expected ServiceGone, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The name is free again, everywhere.
+    assert!(
+        wait_until(10, || async { rival.provide("calc", calc()).await.is_ok() }).await,
+        "the name of a provider that left stayed taken"
+    );
+    let r: i64 = caller.service("calc").call("add", (1, 1)).await.unwrap();
+    assert_eq!(r, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_topics() {
+    let redis = RedisServer::start();
+    let n1 = spawn_node(redis.cluster("topics")).await;
+    let n2 = spawn_node(redis.cluster("topics")).await;
+    let a = peer(&n1, relay_opts().room("a")).await;
+    let b = peer(&n2, relay_opts().room("b")).await;
+    let mut sa = a.subscribe("news").await.unwrap();
+    let mut sb = b.subscribe("news").await.unwrap();
+    assert!(wait_until(10, || async { n1.signaling.subscribers("news") == 2 }).await);
+    assert!(wait_until(10, || async { n2.signaling.subscribers("news") == 2 }).await);
+    for i in 0..50 {
+        assert_eq!(a.publish("news", json!(i)).await.unwrap(), 2);
+    }
+    assert_eq!(n2.signaling.publish("news", json!("server")), 2);
+    for sub in [&mut sa, &mut sb] {
+        for i in 0..50 {
+            let p = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(p.data, json!(i));
+            assert_eq!(p.from.as_ref().map(|f| f.id.as_str()), Some(a.id()));
+        }
+        let p = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.data, json!("server"));
+    }
+    drop(sb);
+    assert!(wait_until(10, || async { n1.signaling.subscribers("news") == 1 }).await);
+    b.close().await;
+    assert_eq!(a.publish("news", "only a").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_forwarding_queue_slows_senders_down_without_loss() {
+    let redis = RedisServer::start();
+    let n1 = spawn_node(redis.cluster("queue").max_queue(64)).await;
+    let n2 = spawn_node(redis.cluster("queue").max_queue(64)).await;
+    let a = peer(&n1, relay_opts()).await;
+    let b = peer(&n2, relay_opts()).await;
+    wait_peers(&a, 1).await;
+    let mut got = collect(&b, "n");
+    const N: u64 = 3000;
+    let a2 = a.clone();
+    let to = b.id().to_owned();
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            a2.to(&to).emit("n", json!(i)).await.unwrap();
+        }
+    });
+    for i in 0..N {
+        let ev = tokio::time::timeout(Duration::from_secs(30), got.recv())
+            .await
+            .expect("events stopped arriving")
+            .unwrap();
+        assert_eq!(ev.json::<u64>().unwrap(), i);
+    }
+    sender.await.unwrap();
+}

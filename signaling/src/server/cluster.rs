@@ -28,10 +28,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 
+use super::services::RELAYED_RESULT;
 use super::state::{Conn, EmitFail, PeerSocket, State, TokenBucket, UidRegistry};
 use super::{Inner, Outbox, P2pSignaling, SignalingOptions, new_token, to_json};
 use crate::protocol::{
-    Body, ErrorBody, ErrorCode, ErrorMsg, Frame, PeerInfo, Presence, Resume, events, relay_unescape,
+    Body, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, Frame, PeerInfo, Presence, Resume, events,
+    relay_unescape,
 };
 
 /// How a [`P2pSignaling`] joins a cluster of nodes sharing one redis-server; give it to
@@ -212,6 +214,12 @@ impl UidRegistry for SharedUids {
     }
 }
 
+#[derive(Clone, Copy)]
+enum CtlKind {
+    On,
+    Off,
+}
+
 /// Kinds of cluster messages (first byte).
 const K_CTL: u8 = b'c';
 const K_FRAME: u8 = b'f';
@@ -251,6 +259,24 @@ enum Ctl {
     Down {
         id: String,
     },
+    /// A peer of the sending node provides a service (the name is claimed in Redis).
+    Provide {
+        id: String,
+        service: String,
+    },
+    Unprovide {
+        id: String,
+        service: String,
+    },
+    /// A peer of the sending node subscribed to a topic.
+    Sub {
+        id: String,
+        topic: String,
+    },
+    Unsub {
+        id: String,
+        topic: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -260,6 +286,10 @@ struct SyncPeer {
     pairs: Vec<String>,
     #[serde(default)]
     token: Option<String>,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    topics: Vec<String>,
 }
 
 /// A message for the publishing task.
@@ -306,6 +336,8 @@ pub(crate) struct Cluster {
     queued_frames: Arc<AtomicUsize>,
     max_queue: usize,
     uids: Arc<ClusterUids>,
+    /// Service names, claimed like uids (keys `<prefix>:svc:<name>`).
+    svcs: Arc<ClusterUids>,
 }
 
 impl Cluster {
@@ -373,7 +405,15 @@ impl PeerSocket for RemoteSocket {
         Ok(())
     }
     fn emit_json(&self, event: &'static str, data: &Json) -> Result<(), EmitFail> {
-        if event == events::SIGNAL || event == events::ERROR {
+        if [
+            events::SIGNAL,
+            events::ERROR,
+            events::CALL,
+            events::TOPIC,
+            RELAYED_RESULT,
+        ]
+        .contains(&event)
+        {
             self.cluster.send_event(&self.node, &self.peer, event, data);
         }
         Ok(())
@@ -403,6 +443,15 @@ impl P2pSignaling {
             known: Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
         });
+        let svcs = Arc::new(ClusterUids {
+            client: cluster.client.clone(),
+            key_prefix: format!("{}:svc:", cluster.prefix),
+            ttl_ms,
+            io_timeout: cluster.io_timeout,
+            conn: Mutex::new(None),
+            known: Mutex::new(HashMap::new()),
+            local: Mutex::new(HashMap::new()),
+        });
         let wait = cluster.io_timeout.max(Duration::from_secs(1)) * 5;
         let manager = in_time(
             wait,
@@ -417,6 +466,7 @@ impl P2pSignaling {
             queued_frames: Arc::new(AtomicUsize::new(0)),
             max_queue: cluster.max_queue,
             uids: uids.clone(),
+            svcs,
         });
         let channels = [link.all_channel(), link.node_channel(&node)];
         let pubsub = in_time(wait, subscribe(&cluster.client, &channels)).await?;
@@ -448,6 +498,87 @@ impl P2pSignaling {
 
     fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.inner.cluster.as_ref()
+    }
+
+    /// Hook: a local peer provides `name`: claimed in Redis (one round trip), then announced.
+    pub(super) fn cluster_claim_service(
+        &self,
+        name: &str,
+        id: &str,
+    ) -> Result<(), (ErrorCode, String)> {
+        let Some(c) = self.cluster() else {
+            return Ok(());
+        };
+        match c.svcs.eval(CLAIM, name, id) {
+            Ok(1) => {
+                guard(&c.svcs.local).insert(name.to_owned(), id.to_owned());
+                c.publish(&Ctl::Provide {
+                    id: id.to_owned(),
+                    service: name.to_owned(),
+                });
+                Ok(())
+            }
+            Ok(_) => Err((
+                ErrorCode::ServiceTaken,
+                format!("service {name:?} is provided on another node"),
+            )),
+            Err(e) => {
+                tracing::warn!(%e, name, "redis unreachable: service refused");
+                Err((
+                    ErrorCode::ServiceTaken,
+                    format!("cannot check that {name:?} is free (redis unreachable)"),
+                ))
+            }
+        }
+    }
+
+    /// Hook: a local peer no longer provides `name` (no-op for names it did not claim here).
+    pub(super) fn cluster_release_service(&self, name: &str, id: &str) {
+        let Some(c) = self.cluster() else {
+            return;
+        };
+        let mine = {
+            let mut local = guard(&c.svcs.local);
+            let mine = local.get(name).is_some_and(|p| p == id);
+            if mine {
+                local.remove(name);
+            }
+            mine
+        };
+        if mine {
+            let _ =
+                c.tx.send(Out::Eval(vec![(RELEASE, c.svcs.key(name), id.to_owned())]));
+            c.publish(&Ctl::Unprovide {
+                id: id.to_owned(),
+                service: name.to_owned(),
+            });
+        }
+    }
+
+    /// Hook: a local peer subscribed to (or unsubscribed from) a topic.
+    pub(super) fn cluster_topic(&self, id: &str, topic: &str, on: bool) {
+        if let Some(c) = self.cluster() {
+            let (id, topic) = (id.to_owned(), topic.to_owned());
+            c.publish(&if on {
+                Ctl::Sub { id, topic }
+            } else {
+                Ctl::Unsub { id, topic }
+            });
+        }
+    }
+
+    /// Hook: our provider answered a call relayed by `node` for its peer `caller`.
+    pub(super) fn cluster_call_result(
+        &self,
+        node: &str,
+        caller: &str,
+        cid: u64,
+        outcome: &CallOutcome,
+    ) {
+        if let Some(c) = self.cluster() {
+            let data = serde_json::json!({ "cid": cid, "outcome": outcome });
+            c.send_event(node, caller, RELAYED_RESULT, &data);
+        }
     }
 
     /// Hook: a local peer registered (or resumed).
@@ -656,6 +787,10 @@ impl P2pSignaling {
 
     fn apply_ctl(&self, link: &Arc<Cluster>, node: &str, ctl: Ctl) {
         tracing::trace!(?ctl, %node, "cluster message");
+        let ctl_kind = match ctl {
+            Ctl::Unprovide { .. } | Ctl::Unsub { .. } => CtlKind::Off,
+            _ => CtlKind::On,
+        };
         match ctl {
             Ctl::Heartbeat => {}
             Ctl::SyncRequest => {
@@ -668,11 +803,14 @@ impl P2pSignaling {
                             let mut rooms: Vec<String> = c.rooms.iter().cloned().collect();
                             rooms.sort();
                             let peer = c.info.clone()?;
+                            let (services, topics) = P2pSignaling::peer_services(&st, &peer.id);
                             Some(SyncPeer {
                                 token: st.issued.get(&peer.id).map(|(t, _)| t.clone()),
                                 peer,
                                 rooms,
                                 pairs: c.pairs.iter().cloned().collect(),
+                                services,
+                                topics,
                             })
                         })
                         .collect()
@@ -695,7 +833,16 @@ impl P2pSignaling {
                 let mut pairs = Vec::new();
                 for p in peers {
                     pairs.extend(p.pairs.into_iter().map(|b| (p.peer.id.clone(), b)));
+                    let id = p.peer.id.clone();
                     self.apply_up(link, node, p.peer, p.rooms, p.token);
+                    if self.is_from(&id, node) {
+                        for s in p.services {
+                            self.mirror_provide(&id, &s, true);
+                        }
+                        for t in p.topics {
+                            self.mirror_topic(&id, &t, true);
+                        }
+                    }
                 }
                 for (a, b) in pairs {
                     self.apply_pair(node, &a, &b);
@@ -754,6 +901,18 @@ impl P2pSignaling {
             Ctl::Down { id } => {
                 if self.is_from(&id, node) {
                     self.remove_now(&id);
+                }
+            }
+            Ctl::Provide { id, service } | Ctl::Unprovide { id, service } => {
+                let on = matches!(ctl_kind, CtlKind::On);
+                if self.is_from(&id, node) {
+                    self.mirror_provide(&id, &service, on);
+                }
+            }
+            Ctl::Sub { id, topic } | Ctl::Unsub { id, topic } => {
+                let on = matches!(ctl_kind, CtlKind::On);
+                if self.is_from(&id, node) {
+                    self.mirror_topic(&id, &topic, on);
                 }
             }
         }
@@ -837,13 +996,16 @@ impl P2pSignaling {
     }
 
     /// A signal or an error from another node for our peer `to`.
-    fn deliver_event(&self, to: &str, rest: &[u8]) {
+    fn deliver_event(&self, node: &str, to: &str, rest: &[u8]) {
         let Ok((event, data)) = serde_json::from_slice::<(String, Json)>(rest) else {
             return;
         };
         let event = match event.as_str() {
             events::SIGNAL => events::SIGNAL,
             events::ERROR => events::ERROR,
+            events::TOPIC => events::TOPIC,
+            events::CALL => return self.relayed_call(node, to, data),
+            RELAYED_RESULT => return self.relayed_result(node, data),
             _ => return,
         };
         let target = {
@@ -1016,6 +1178,7 @@ impl Inbound {
             .uids
             .local_uids()
             .into_iter()
+            .chain(self.link.svcs.local_uids())
             .map(|(k, p)| (REFRESH, k, p))
             .collect();
         if !refresh.is_empty() {
@@ -1062,7 +1225,7 @@ impl Inbound {
                 Err(e) => tracing::debug!(%e, "bad cluster message"),
             },
             K_FRAME => sig.deliver_frame(&self.link, node, to, rest),
-            K_EVENT => sig.deliver_event(to, rest),
+            K_EVENT => sig.deliver_event(node, to, rest),
             _ => tracing::debug!(kind, "unknown cluster message"),
         }
         true

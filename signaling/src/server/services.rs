@@ -26,6 +26,9 @@ struct InFlight {
     rid: u64,
     provider: String,
     service: String,
+    /// A call relayed by another node (cluster): that node and its call id.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    relay: Option<(String, u64)>,
 }
 
 /// Service and topic bookkeeping (part of [`State`]).
@@ -159,6 +162,10 @@ impl P2pSignaling {
                         format!("service {name:?} is already provided"),
                     )),
                     None => {
+                        #[cfg(feature = "redis")]
+                        if let Err(e) = self.cluster_claim_service(&name, id) {
+                            return Some(Err(e));
+                        }
                         st.services
                             .providers
                             .insert(name, Provider::Peer(id.to_owned()));
@@ -169,6 +176,8 @@ impl P2pSignaling {
             ServiceOp::Unprovide(name) => {
                 if matches!(st.services.providers.get(&name), Some(Provider::Peer(p)) if p == id) {
                     st.services.providers.remove(&name);
+                    #[cfg(feature = "redis")]
+                    self.cluster_release_service(&name, id);
                     let mut sv = std::mem::take(&mut st.services);
                     sv.fail_calls(st, id, Some(&name), out);
                     st.services = sv;
@@ -251,6 +260,7 @@ impl P2pSignaling {
                                 rid,
                                 provider: p,
                                 service: service.clone(),
+                                relay: None,
                             },
                         );
                         let this = self.clone();
@@ -282,6 +292,11 @@ impl P2pSignaling {
                     .get(&cid)
                     .is_some_and(|c| c.provider == id);
                 if mine && let Some(c) = st.services.calls.remove(&cid) {
+                    #[cfg(feature = "redis")]
+                    if let Some((node, origin)) = &c.relay {
+                        self.cluster_call_result(node, &c.caller, *origin, &outcome);
+                        return Some(Ok(Json::Null));
+                    }
                     if let Some(sock) = st.socket(&c.caller) {
                         out.push(&sock, events::RESPONSE, answer(c.rid, &outcome));
                     }
@@ -316,11 +331,17 @@ impl P2pSignaling {
                     .subscriptions
                     .entry(id.to_owned())
                     .or_default()
-                    .insert(topic);
+                    .insert(topic.clone());
+                #[cfg(feature = "redis")]
+                if !already {
+                    self.cluster_topic(id, &topic, true);
+                }
                 Ok(Json::Null)
             }
             ServiceOp::Unsubscribe(topic) => {
                 st.services.unsubscribe(id, &topic);
+                #[cfg(feature = "redis")]
+                self.cluster_topic(id, &topic, false);
                 Ok(Json::Null)
             }
             ServiceOp::Publish { topic, data } => {
@@ -344,8 +365,15 @@ impl P2pSignaling {
     /// The peer is gone: its services, calls and subscriptions go with it.
     pub(super) fn services_gone(&self, st: &mut State, id: &str, out: &mut Outbox) {
         let mut sv = std::mem::take(&mut st.services);
-        sv.providers
-            .retain(|_, p| !matches!(p, Provider::Peer(x) if x == id));
+        sv.providers.retain(|_name, p| {
+            let gone = matches!(p, Provider::Peer(x) if x == id);
+            #[cfg(feature = "redis")]
+            if gone {
+                // Only releases names this node claimed for `id`.
+                self.cluster_release_service(_name, id);
+            }
+            !gone
+        });
         sv.fail_calls(st, id, None, out);
         sv.calls.retain(|_, c| c.caller != id);
         for topic in sv.subscriptions.remove(id).unwrap_or_default() {
@@ -422,4 +450,134 @@ pub(super) enum ServiceOp {
         topic: String,
         data: Json,
     },
+}
+
+/// Internal event between cluster nodes: a provider's answer to a relayed call.
+#[cfg(feature = "redis")]
+pub(super) const RELAYED_RESULT: &str = "p2p:cres";
+
+/// What the cluster mirrors of other nodes' services and topics.
+#[cfg(feature = "redis")]
+impl P2pSignaling {
+    /// Services provided by and topics subscribed to by `id` (for a sync).
+    pub(super) fn peer_services(st: &State, id: &str) -> (Vec<String>, Vec<String>) {
+        let services = st
+            .services
+            .providers
+            .iter()
+            .filter(|(_, p)| matches!(p, Provider::Peer(x) if x == id))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let topics = st
+            .services
+            .subscriptions
+            .get(id)
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default();
+        (services, topics)
+    }
+
+    /// `id`, a peer of another node, provides `service` (or no longer does).
+    pub(super) fn mirror_provide(&self, id: &str, service: &str, on: bool) {
+        let mut out = Outbox::default();
+        {
+            let mut st = self.lock();
+            if on {
+                st.services
+                    .providers
+                    .insert(service.to_owned(), Provider::Peer(id.to_owned()));
+            } else if matches!(st.services.providers.get(service), Some(Provider::Peer(p)) if p == id)
+            {
+                st.services.providers.remove(service);
+                let mut sv = std::mem::take(&mut st.services);
+                sv.fail_calls(&st, id, Some(service), &mut out);
+                st.services = sv;
+            }
+        }
+        out.flush();
+    }
+
+    /// `id`, a peer of another node, subscribed to `topic` (or unsubscribed).
+    pub(super) fn mirror_topic(&self, id: &str, topic: &str, on: bool) {
+        let mut st = self.lock();
+        if on {
+            st.services
+                .topics
+                .entry(topic.to_owned())
+                .or_default()
+                .insert(id.to_owned());
+            st.services
+                .subscriptions
+                .entry(id.to_owned())
+                .or_default()
+                .insert(topic.to_owned());
+        } else {
+            st.services.unsubscribe(id, topic);
+        }
+    }
+
+    /// Another node relays a call to our peer `to`: it gets it under a call id of ours.
+    pub(super) fn relayed_call(&self, node: &str, to: &str, data: Json) {
+        let Ok(mut call) = serde_json::from_value::<CallFor>(data) else {
+            return;
+        };
+        let sock = {
+            let mut st = self.lock();
+            let Some(sock) = st.conns.get(to).map(|c| c.socket.clone()) else {
+                return;
+            };
+            st.services.next_cid += 1;
+            let cid = st.services.next_cid;
+            st.services.calls.insert(
+                cid,
+                InFlight {
+                    caller: call.from.id.clone(),
+                    rid: 0,
+                    provider: to.to_owned(),
+                    service: call.service.clone(),
+                    relay: Some((node.to_owned(), call.cid)),
+                },
+            );
+            call.cid = cid;
+            // The caller's node times the call out; forget it here too, eventually.
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(MAX_CALL_TIMEOUT).await;
+                this.lock().services.calls.remove(&cid);
+            });
+            sock
+        };
+        let _ = sock.emit_json(events::CALL, &to_json(&call));
+    }
+
+    /// The provider (a peer of `node`) answered a call of one of our peers.
+    pub(super) fn relayed_result(&self, node: &str, data: Json) {
+        let Some(cid) = data.get("cid").and_then(Json::as_u64) else {
+            return;
+        };
+        let Some(outcome) = data
+            .get("outcome")
+            .and_then(|o| serde_json::from_value::<CallOutcome>(o.clone()).ok())
+        else {
+            return;
+        };
+        let target = {
+            let mut st = self.lock();
+            let from_there = st
+                .services
+                .calls
+                .get(&cid)
+                .is_some_and(|c| st.remote.get(&c.provider).is_some_and(|n| n == node));
+            if !from_there {
+                return;
+            }
+            st.services
+                .calls
+                .remove(&cid)
+                .and_then(|c| st.socket(&c.caller).map(|s| (s, c.rid)))
+        };
+        if let Some((sock, rid)) = target {
+            let _ = sock.emit_json(events::RESPONSE, &answer(rid, &outcome));
+        }
+    }
 }
