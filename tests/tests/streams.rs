@@ -12,9 +12,12 @@ use socketio_p2p::{Error, P2p, P2pStream, Transport};
 use socketio_p2p_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Two peers in a room of their own.
 async fn two(s: &Server, opts: socketio_p2p::P2pOptions) -> (P2p, P2p) {
-    let a = peer(s, opts.clone().room("s")).await;
-    let b = peer(s, opts.room("s")).await;
+    static ROOM: AtomicU64 = AtomicU64::new(0);
+    let room = format!("s{}", ROOM.fetch_add(1, Ordering::Relaxed));
+    let a = peer(s, opts.clone().room(&room)).await;
+    let b = peer(s, opts.room(&room)).await;
     wait_peers(&a, 1).await;
     wait_peers(&b, 1).await;
     (a, b)
@@ -164,11 +167,17 @@ async fn both_directions_over_a_data_channel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_unknown_and_unanswered_streams() {
     let s = spawn_server().await;
-    let (a, b) = two(
-        &s,
-        relay_opts().request_timeout(Duration::from_millis(1500)),
-    )
-    .await;
+    for dc in [false, true] {
+        let opts = rtc_opts().request_timeout(Duration::from_millis(1500));
+        let (a, b) = two(&s, opts).await;
+        if dc {
+            a.upgrade_peer(b.id()).await.unwrap();
+        }
+        refusals(&a, &b).await;
+    }
+}
+
+async fn refusals(a: &P2p, b: &P2p) {
     let b2 = b.clone();
     let t = tokio::spawn(async move {
         let inc = b2.accept_stream().await.unwrap();
@@ -207,10 +216,10 @@ async fn refused_unknown_and_unanswered_streams() {
         a.open_stream("no-such-peer", "x").await,
         Err(Error::PeerOffline(_))
     ));
-    streams_freed(&a).await;
-    streams_freed(&b).await;
+    streams_freed(a).await;
+    streams_freed(b).await;
     // Everything else still works.
-    both_ways(&a, &b, 100_000).await;
+    both_ways(a, b, 100_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -306,8 +315,23 @@ async fn slow_reader_bounds_memory_over_the_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn half_close_each_way() {
     let s = spawn_server().await;
-    let (a, b) = two(&s, relay_opts()).await;
-    let (mut sa, mut sb) = open(&a, &b, "half").await;
+    for dc in [false, true] {
+        let (a, b) = pair_on(&s, dc).await;
+        half_close(&a, &b).await;
+    }
+}
+
+/// Two peers on the relay, or on a data channel.
+async fn pair_on(s: &Server, dc: bool) -> (P2p, P2p) {
+    if dc {
+        upgraded(s).await
+    } else {
+        two(s, relay_opts()).await
+    }
+}
+
+async fn half_close(a: &P2p, b: &P2p) {
+    let (mut sa, mut sb) = open(a, b, "half").await;
     sa.write_all(b"question").await.unwrap();
     sa.shutdown().await.unwrap();
     let err = sa.write_all(b"more").await.unwrap_err();
@@ -323,15 +347,21 @@ async fn half_close_each_way() {
     assert_eq!(got, b"answer");
     drop(sa);
     drop(sb);
-    streams_freed(&a).await;
-    streams_freed(&b).await;
+    streams_freed(a).await;
+    streams_freed(b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropping_a_stream_resets_it_on_the_other_side() {
     let s = spawn_server().await;
-    let (a, b) = two(&s, relay_opts()).await;
-    let (mut sa, mut sb) = open(&a, &b, "drop").await;
+    for dc in [false, true] {
+        let (a, b) = pair_on(&s, dc).await;
+        dropped(&a, &b).await;
+    }
+}
+
+async fn dropped(a: &P2p, b: &P2p) {
+    let (mut sa, mut sb) = open(a, b, "drop").await;
     sa.write_all(b"partial").await.unwrap();
     drop(sa);
     let mut got = Vec::new();
@@ -340,8 +370,8 @@ async fn dropping_a_stream_resets_it_on_the_other_side() {
     assert_eq!(got, b"partial", "bytes sent before the reset are delivered");
     assert!(sb.write_all(b"x").await.is_err());
     drop(sb);
-    streams_freed(&a).await;
-    streams_freed(&b).await;
+    streams_freed(a).await;
+    streams_freed(b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
