@@ -122,6 +122,19 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ClusterUids {
+    /// Names of one kind (`uid`, `svc`): keys `<prefix>:<kind>:<name>`.
+    fn new(cluster: &RedisCluster, kind: &str, ttl_ms: u64) -> Self {
+        Self {
+            client: cluster.client.clone(),
+            key_prefix: format!("{}:{kind}:", cluster.prefix),
+            ttl_ms,
+            io_timeout: cluster.io_timeout,
+            conn: Mutex::new(None),
+            known: Mutex::new(HashMap::new()),
+            local: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn key(&self, uid: &str) -> String {
         format!("{}{uid}", self.key_prefix)
     }
@@ -434,24 +447,8 @@ impl P2pSignaling {
         let timeout = cluster.timeout();
         let ttl_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let node = new_token("node")[..16].to_owned();
-        let uids = Arc::new(ClusterUids {
-            client: cluster.client.clone(),
-            key_prefix: format!("{}:uid:", cluster.prefix),
-            ttl_ms,
-            io_timeout: cluster.io_timeout,
-            conn: Mutex::new(None),
-            known: Mutex::new(HashMap::new()),
-            local: Mutex::new(HashMap::new()),
-        });
-        let svcs = Arc::new(ClusterUids {
-            client: cluster.client.clone(),
-            key_prefix: format!("{}:svc:", cluster.prefix),
-            ttl_ms,
-            io_timeout: cluster.io_timeout,
-            conn: Mutex::new(None),
-            known: Mutex::new(HashMap::new()),
-            local: Mutex::new(HashMap::new()),
-        });
+        let uids = Arc::new(ClusterUids::new(&cluster, "uid", ttl_ms));
+        let svcs = Arc::new(ClusterUids::new(&cluster, "svc", ttl_ms));
         let wait = cluster.io_timeout.max(Duration::from_secs(1)) * 5;
         let manager = in_time(
             wait,
@@ -870,29 +867,8 @@ impl P2pSignaling {
                     if st.remote.get(&id).is_none_or(|n| n != node) {
                         return;
                     }
-                    let Some(conn) = st.conns.get_mut(&id) else {
-                        return;
-                    };
-                    let Some(info) = conn.info.clone() else {
-                        return;
-                    };
-                    if !conn.rooms.remove(&room) {
-                        return;
-                    }
-                    if let Some(members) = st.rooms.get_mut(&room) {
-                        members.remove(&id);
-                        if members.is_empty() {
-                            st.rooms.remove(&room);
-                        }
-                    }
-                    let msg = to_json(&Presence::Left {
-                        room: room.clone(),
-                        peer: info,
-                    });
-                    for p in st.room_peers(&room, &id) {
-                        if let Some(sock) = st.socket(&p.id) {
-                            out.push(&sock, events::PRESENCE, msg.clone());
-                        }
+                    if let Some(info) = st.conns.get(&id).and_then(|c| c.info.clone()) {
+                        P2pSignaling::leave_room(st, &id, &info, &room, &mut out);
                     }
                 }
                 out.flush();

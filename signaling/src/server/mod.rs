@@ -678,30 +678,14 @@ impl P2pSignaling {
                 Ok(to_json(&self.join_room(st, id, &my_info, &room, out)))
             }
             Op::Leave { room } => {
-                let was_in = st.conns.get_mut(id).is_some_and(|c| c.rooms.remove(&room));
-                if !was_in {
+                if !Self::leave_room(st, id, &my_info, &room, out) {
                     return Some(Err((
                         ErrorCode::UnknownRoom,
                         format!("not in room {room:?}"),
                     )));
                 }
-                if let Some(members) = st.rooms.get_mut(&room) {
-                    members.remove(id);
-                    if members.is_empty() {
-                        st.rooms.remove(&room);
-                    }
-                }
                 #[cfg(feature = "redis")]
                 self.cluster_leave(id, &room);
-                let msg = to_json(&Presence::Left {
-                    room: room.clone(),
-                    peer: my_info.clone(),
-                });
-                for p in st.room_peers(&room, id) {
-                    if let Some(sock) = st.socket(&p.id) {
-                        out.push(&sock, events::PRESENCE, msg.clone());
-                    }
-                }
                 Ok(Json::Null)
             }
             Op::Peers { room } => {
@@ -838,6 +822,29 @@ impl P2pSignaling {
                 Ok(Json::Null)
             }
         })
+    }
+
+    /// Takes `id` out of `room` and tells the room's other peers; false if it was not in it.
+    fn leave_room(st: &mut State, id: &str, info: &PeerInfo, room: &str, out: &mut Outbox) -> bool {
+        if !st.conns.get_mut(id).is_some_and(|c| c.rooms.remove(room)) {
+            return false;
+        }
+        if let Some(members) = st.rooms.get_mut(room) {
+            members.remove(id);
+            if members.is_empty() {
+                st.rooms.remove(room);
+            }
+        }
+        let msg = to_json(&Presence::Left {
+            room: room.to_owned(),
+            peer: info.clone(),
+        });
+        for p in st.room_peers(room, id) {
+            if let Some(sock) = st.socket(&p.id) {
+                out.push(&sock, events::PRESENCE, msg.clone());
+            }
+        }
+        true
     }
 
     fn join_room(

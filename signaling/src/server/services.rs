@@ -51,38 +51,27 @@ fn answer(rid: u64, outcome: &CallOutcome) -> Json {
     })
 }
 
-impl Services {
-    /// Calls in flight to `provider` (optionally only for `service`) fail with `ServiceGone`.
-    fn fail_calls(
-        &mut self,
-        st_sockets: &State,
-        provider: &str,
-        service: Option<&str>,
-        out: &mut Outbox,
-    ) {
-        let gone: Vec<u64> = self
-            .calls
-            .iter()
-            .filter(|(_, c)| c.provider == provider && service.is_none_or(|s| s == c.service))
-            .map(|(k, _)| *k)
-            .collect();
-        for cid in gone {
-            if let Some(c) = self.calls.remove(&cid)
-                && let Some(sock) = st_sockets.socket(&c.caller)
-            {
-                out.push(
-                    &sock,
-                    events::RESPONSE,
-                    error_response(
-                        c.rid,
-                        ErrorCode::ServiceGone,
-                        format!(
-                            "the provider of {:?} went away before it answered",
-                            c.service
-                        ),
-                    ),
-                );
-            }
+/// Calls in flight to `provider` (optionally only for `service`) fail with `ServiceGone`.
+fn fail_calls(st: &mut State, provider: &str, service: Option<&str>, out: &mut Outbox) {
+    let mut gone = Vec::new();
+    st.services.calls.retain(|_, c| {
+        let hit = c.provider == provider && service.is_none_or(|s| s == c.service);
+        if hit {
+            gone.push((c.caller.clone(), c.rid, c.service.clone()));
+        }
+        !hit
+    });
+    for (caller, rid, service) in gone {
+        if let Some(sock) = st.socket(&caller) {
+            out.push(
+                &sock,
+                events::RESPONSE,
+                error_response(
+                    rid,
+                    ErrorCode::ServiceGone,
+                    format!("the provider of {service:?} went away before it answered"),
+                ),
+            );
         }
     }
 }
@@ -178,9 +167,7 @@ impl P2pSignaling {
                     st.services.providers.remove(&name);
                     #[cfg(feature = "redis")]
                     self.cluster_release_service(&name, id);
-                    let mut sv = std::mem::take(&mut st.services);
-                    sv.fail_calls(st, id, Some(&name), out);
-                    st.services = sv;
+                    fail_calls(st, id, Some(&name), out);
                     Ok(Json::Null)
                 } else {
                     Err((
@@ -322,16 +309,7 @@ impl P2pSignaling {
                 if !already && n >= self.inner.opts.max_rooms_per_peer {
                     return Some(Err((ErrorCode::BadRequest, "too many topics".into())));
                 }
-                st.services
-                    .topics
-                    .entry(topic.clone())
-                    .or_default()
-                    .insert(id.to_owned());
-                st.services
-                    .subscriptions
-                    .entry(id.to_owned())
-                    .or_default()
-                    .insert(topic.clone());
+                st.services.subscribe(id, &topic);
                 #[cfg(feature = "redis")]
                 if !already {
                     self.cluster_topic(id, &topic, true);
@@ -357,15 +335,12 @@ impl P2pSignaling {
     /// The peer's connection broke: calls it was answering fail now (its answers would be
     /// lost with the connection), even if it comes back within the grace period.
     pub(super) fn services_away(&self, st: &mut State, id: &str, out: &mut Outbox) {
-        let mut sv = std::mem::take(&mut st.services);
-        sv.fail_calls(st, id, None, out);
-        st.services = sv;
+        fail_calls(st, id, None, out);
     }
 
     /// The peer is gone: its services, calls and subscriptions go with it.
     pub(super) fn services_gone(&self, st: &mut State, id: &str, out: &mut Outbox) {
-        let mut sv = std::mem::take(&mut st.services);
-        sv.providers.retain(|_name, p| {
+        st.services.providers.retain(|_name, p| {
             let gone = matches!(p, Provider::Peer(x) if x == id);
             #[cfg(feature = "redis")]
             if gone {
@@ -374,21 +349,26 @@ impl P2pSignaling {
             }
             !gone
         });
-        sv.fail_calls(st, id, None, out);
-        sv.calls.retain(|_, c| c.caller != id);
-        for topic in sv.subscriptions.remove(id).unwrap_or_default() {
-            if let Some(subs) = sv.topics.get_mut(&topic) {
-                subs.remove(id);
-                if subs.is_empty() {
-                    sv.topics.remove(&topic);
-                }
-            }
+        fail_calls(st, id, None, out);
+        st.services.calls.retain(|_, c| c.caller != id);
+        for topic in st.services.subscriptions.remove(id).unwrap_or_default() {
+            st.services.unsubscribe(id, &topic);
         }
-        st.services = sv;
     }
 }
 
 impl Services {
+    fn subscribe(&mut self, id: &str, topic: &str) {
+        self.topics
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(id.to_owned());
+        self.subscriptions
+            .entry(id.to_owned())
+            .or_default()
+            .insert(topic.to_owned());
+    }
+
     fn unsubscribe(&mut self, id: &str, topic: &str) {
         if let Some(t) = self.subscriptions.get_mut(id) {
             t.remove(topic);
@@ -489,9 +469,7 @@ impl P2pSignaling {
             } else if matches!(st.services.providers.get(service), Some(Provider::Peer(p)) if p == id)
             {
                 st.services.providers.remove(service);
-                let mut sv = std::mem::take(&mut st.services);
-                sv.fail_calls(&st, id, Some(service), &mut out);
-                st.services = sv;
+                fail_calls(&mut st, id, Some(service), &mut out);
             }
         }
         out.flush();
@@ -501,16 +479,7 @@ impl P2pSignaling {
     pub(super) fn mirror_topic(&self, id: &str, topic: &str, on: bool) {
         let mut st = self.lock();
         if on {
-            st.services
-                .topics
-                .entry(topic.to_owned())
-                .or_default()
-                .insert(id.to_owned());
-            st.services
-                .subscriptions
-                .entry(id.to_owned())
-                .or_default()
-                .insert(topic.to_owned());
+            st.services.subscribe(id, topic);
         } else {
             st.services.unsubscribe(id, topic);
         }
