@@ -62,13 +62,26 @@ pub async fn spawn_server() -> Server {
 
 pub async fn spawn_server_with(opts: SignalingOptions) -> Server {
     init_tracing();
+    serve(P2pSignaling::new(opts), 0).await
+}
+
+/// Serves `signaling` on 127.0.0.1:`port` (0: any free port; a given port is retried while
+/// a killed server still holds it), with TCP_NODELAY, in a task of the current runtime.
+pub async fn serve(signaling: P2pSignaling, port: u16) -> Server {
     let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
-    let signaling = P2pSignaling::new(opts);
     signaling.attach(&io);
     let app = axum::Router::new().layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let mut tries = 0;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => break l,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("bind: {e}"),
+        }
+    };
     let addr = listener.local_addr().expect("addr");
     let listener = nodelay(listener);
     let task = tokio::spawn(async move {
@@ -223,6 +236,17 @@ pub struct CrashableServer {
 impl CrashableServer {
     /// Starts on `port` (0: any free port), retrying while the port is still held.
     pub fn start(port: u16) -> CrashableServer {
+        Self::start_with(port, || async {
+            P2pSignaling::new(SignalingOptions::default())
+        })
+    }
+
+    /// Starts the server that `make` builds (in the server's own runtime).
+    pub fn start_with<F, Fut>(port: u16, make: F) -> CrashableServer
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = P2pSignaling>,
+    {
         init_tracing();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -232,32 +256,11 @@ impl CrashableServer {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            let addr = rt.block_on(async move {
-                let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
-                P2pSignaling::new(SignalingOptions::default()).attach(&io);
-                let app = axum::Router::new().layer(layer);
-                let mut tries = 0;
-                let listener = loop {
-                    match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                        Ok(l) => break l,
-                        Err(e) if tries < 100 => {
-                            tries += 1;
-                            let _ = e; // port still held by the killed server: retry
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(e) => panic!("bind: {e}"),
-                    }
-                };
-                let addr = listener.local_addr().expect("addr");
-                let listener = nodelay(listener);
-                tokio::spawn(async move {
-                    let _ = axum::serve(listener, app).await;
-                });
-                addr
-            });
-            let _ = addr_tx.send(addr);
+            let server = rt.block_on(async move { serve(make().await, port).await });
+            let _ = addr_tx.send(server.addr);
             let _ = stop_rx.recv();
             rt.shutdown_background();
+            drop(server);
         });
         let addr = addr_rx.recv().expect("server thread died");
         CrashableServer {
@@ -289,9 +292,10 @@ impl Drop for CrashableServer {
 }
 
 /// A TCP forwarder whose connections can be cut, to break a client's connection while the
-/// server stays up (as a flaky network would).
+/// server stays up (as a flaky network would), or sent elsewhere (as a load balancer would).
 pub struct Cutter {
     pub addr: SocketAddr,
+    target: std::sync::Arc<std::sync::Mutex<SocketAddr>>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -302,13 +306,15 @@ impl Cutter {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let target = std::sync::Arc::new(std::sync::Mutex::new(target));
         let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
             Default::default();
-        let list = conns.clone();
+        let (to, list) = (target.clone(), conns.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                let dest = *to.lock().unwrap_or_else(|e| e.into_inner());
                 let h = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(dest).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
@@ -317,7 +323,12 @@ impl Cutter {
                     .push(h.abort_handle());
             }
         });
-        Cutter { addr, conns, task }
+        Cutter {
+            addr,
+            target,
+            conns,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -334,6 +345,12 @@ impl Cutter {
         {
             h.abort();
         }
+    }
+
+    /// New connections go to `target`; the current ones are cut.
+    pub fn switch(&self, target: SocketAddr) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+        self.cut();
     }
 }
 

@@ -294,7 +294,7 @@ async fn node_death_announces_disconnects_and_frees_uids() {
     let redis = RedisServer::start();
     let cluster = redis.cluster("death").node_timeout(Duration::from_secs(1));
     let n1 = spawn_node(cluster.clone()).await;
-    let mut n2 = CrashableNode::start(cluster);
+    let mut n2 = crashable_node(cluster);
     let a = peer(&n1, relay_opts().room("r")).await;
     let b = P2p::connect(
         &n2.url(),
@@ -347,7 +347,7 @@ async fn peer_moved_to_another_node_resumes_with_its_id_and_uid() {
         .resume_grace(Duration::from_millis(1500));
     let n1 = spawn_node_with(redis.cluster("move"), opts.clone()).await;
     let n2 = spawn_node_with(redis.cluster("move"), opts).await;
-    let lb = Switch::start(n1.addr).await;
+    let lb = Cutter::start(n1.addr).await;
     let a = peer(&n1, relay_opts().room("r")).await;
     let b = P2p::connect(&lb.url(), relay_opts().uid("bob").room("r"))
         .await
