@@ -924,17 +924,20 @@ impl P2pSignaling {
         out.flush();
     }
 
+    /// The socket of `to` if it is a peer of this node.
+    fn local_socket(&self, to: &str) -> Option<Arc<dyn PeerSocket>> {
+        let st = self.lock();
+        if st.remote.contains_key(to) {
+            None
+        } else {
+            st.socket(to)
+        }
+    }
+
     /// A frame from a peer of `node` for our peer `to`.
     fn deliver_frame(&self, link: &Cluster, node: &str, to: &str, data: &[u8]) {
         let data = Bytes::copy_from_slice(data);
-        let target = {
-            let st = self.lock();
-            if st.remote.contains_key(to) {
-                None
-            } else {
-                st.socket(to)
-            }
-        };
+        let target = self.local_socket(to);
         let failed = match target {
             None => Some((ErrorCode::UnknownPeer, "the target is gone")),
             Some(t) => match t.emit_bin(events::FRAME, data.clone()) {
@@ -984,14 +987,7 @@ impl P2pSignaling {
             RELAYED_RESULT => return self.relayed_result(node, data),
             _ => return,
         };
-        let target = {
-            let st = self.lock();
-            if st.remote.contains_key(to) {
-                None
-            } else {
-                st.socket(to)
-            }
-        };
+        let target = self.local_socket(to);
         if let Some(t) = target
             && let Err(e) = t.emit_json(event, &data)
         {
