@@ -28,6 +28,8 @@ use crate::stream::{IncomingStream, StreamCmd, StreamTable};
 const TICK: Duration = Duration::from_millis(5);
 /// On close, how long the actor keeps going to deliver what is already queued.
 const LINGER: Duration = Duration::from_secs(2);
+/// Inputs of one kind handled in one turn of the loop (what one flush then batches).
+const DRAIN: usize = 255;
 /// Relay frames are sent in batches of about this many bytes (one frame may be larger).
 const RELAY_BATCH: usize = 64 * 1024;
 
@@ -171,6 +173,59 @@ struct RtcSlot {
     link: Arc<RtcLink>,
     key: u64,
     open: bool,
+    /// Frames for the link's writer task: the actor never waits on a data channel send
+    /// (a send blocks while SCTP's queue is full, forever once the peer is gone).
+    writer: mpsc::UnboundedSender<(bool, Bytes)>,
+    /// Dropping it stops the writer task, even in the middle of a blocked send.
+    _stop: oneshot::Sender<()>,
+}
+
+impl RtcSlot {
+    /// Queues a frame on the reliable channel (`true`) or the volatile one.
+    fn send(&self, reliable: bool, frame: Bytes) {
+        let _ = self.writer.send((reliable, frame));
+    }
+}
+
+/// The writer task of one peer connection: sends frames in order; a failed reliable send
+/// is reported as the connection closing (the actor then moves the traffic to the relay).
+fn spawn_writer(
+    link: Arc<RtcLink>,
+    key: u64,
+    events: mpsc::UnboundedSender<(u64, RtcEvent)>,
+) -> (mpsc::UnboundedSender<(bool, Bytes)>, oneshot::Sender<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(bool, Bytes)>();
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            let (reliable, frame) = tokio::select! {
+                biased;
+                _ = &mut stop_rx => break,
+                next = rx.recv() => match next {
+                    Some(x) => x,
+                    None => break,
+                },
+            };
+            let sent = tokio::select! {
+                biased;
+                _ = &mut stop_rx => break,
+                r = async {
+                    if reliable {
+                        link.send(frame).await
+                    } else {
+                        link.send_volatile(frame).await
+                    }
+                } => r,
+            };
+            if let Err(e) = sent
+                && reliable
+            {
+                let _ = events.send((key, RtcEvent::Closed(format!("send failed: {e}"))));
+                break;
+            }
+        }
+    });
+    (tx, stop_tx)
 }
 
 struct Peer {
@@ -382,14 +437,31 @@ impl Actor {
             tokio::select! {
                 biased;
                 Some(permit) = room => self.release_held(permit).await,
-                Some(n) = self.net.recv() => self.on_net(n).await,
+                Some(n) = self.net.recv() => {
+                    self.on_net(n).await;
+                    // What else already arrived goes into the same flush (one batch).
+                    for _ in 0..DRAIN {
+                        match self.net.try_recv() {
+                            Ok(n) => self.on_net(n).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Some((key, ev)) = self.rtc_rx.recv() => self.on_rtc(key, ev).await,
                 Some(c) = self.replies.recv() => self.on_cmd(c).await,
                 Some(c) = self.stream_rx.recv() => self.on_stream_cmd(c),
                 // Commands are read while closing too: an emit that took its credit just
                 // before `close()` is still delivered.
                 c = self.cmds.recv(), if !self.handles_gone => match c {
-                    Some(c) => self.on_cmd(c).await,
+                    Some(c) => {
+                        self.on_cmd(c).await;
+                        for _ in 0..DRAIN {
+                            match self.cmds.try_recv() {
+                                Ok(c) => self.on_cmd(c).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     // Every handle is gone.
                     None => {
                         self.handles_gone = true;
@@ -402,8 +474,10 @@ impl Actor {
             self.flush_relay().await;
             self.check_closing().await;
         }
+        tracing::debug!(id = %self.me.id, "actor stopped; disconnecting from the server");
         self.flush_relay().await;
         let _ = self.client.disconnect().await;
+        tracing::debug!(id = %self.me.id, "disconnected from the server");
     }
 
     // ---------- helpers ----------
@@ -1168,23 +1242,16 @@ impl Actor {
             Ok(f) => f,
             Err(e) => return tracing::warn!(%e, "could not encode a frame"),
         };
-        let rtc = self
+        if let Some(slot) = self
             .peers
             .get(to)
             .and_then(|p| p.rtc.as_ref())
             .filter(|s| s.open)
-            .map(|s| s.link.clone());
-        if let Some(link) = rtc {
-            if volatile {
-                // Best effort: the volatile channel may open a moment after the reliable one.
-                if link.send_volatile(frame.clone()).await.is_ok() {
-                    return;
-                }
-            } else {
-                match link.send(frame.clone()).await {
-                    Ok(()) => return,
-                    Err(e) => self.rtc_failed(to, format!("send failed: {e}")).await,
-                }
+        {
+            // Best effort: the volatile channel may open a moment after the reliable one.
+            if !volatile || slot.link.channel_open(false) {
+                slot.send(!volatile, frame);
+                return;
             }
         }
         self.relay(&frame);
@@ -1223,27 +1290,28 @@ impl Actor {
                 continue;
             };
             peer.link.poll_transmit(&mut frames);
-            let rtc = peer.rtc.as_ref().filter(|s| s.open).map(|s| s.link.clone());
-            let mut relay_from = 0;
-            if let Some(link) = rtc {
-                relay_from = frames.len();
-                for (i, f) in frames.iter().enumerate() {
-                    if let Err(e) = link.send(f.clone()).await {
-                        relay_from = i;
-                        self.rtc_failed(&id, format!("send failed: {e}")).await;
-                        break;
-                    }
-                }
-                if relay_from < frames.len() {
-                    // The channel died: everything unacknowledged goes again on the relay.
-                    frames.clear();
-                    relay_from = 0;
-                    if let Some(peer) = self.peers.get_mut(&id) {
-                        peer.link.poll_transmit(&mut frames);
-                    }
-                }
+            // On the relay, a delayed acknowledgement rides along with data going to the
+            // same peer: it costs no write of its own (a lone small write can wait for
+            // Nagle's algorithm on rust_socketio's socket before the next one goes).
+            let on_relay = peer.transport() == Transport::Relay;
+            let ack = if frames.is_empty() || !on_relay {
+                None
+            } else {
+                peer.link.take_ack()
+            };
+            if let Some((upto, nack)) = ack {
+                self.send_ack(&id, upto, nack).await;
             }
-            for f in &frames[relay_from..] {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            if let Some(slot) = peer.rtc.as_ref().filter(|s| s.open) {
+                for f in frames.drain(..) {
+                    slot.send(true, f);
+                }
+                continue;
+            }
+            for f in &frames {
                 self.relay(f);
             }
         }
@@ -1553,15 +1621,6 @@ impl Actor {
         }
     }
 
-    async fn rtc_failed(&mut self, id: &str, reason: String) {
-        let acts = self
-            .peers
-            .get_mut(id)
-            .map(|p| p.neg.on_error(reason))
-            .unwrap_or_default();
-        Box::pin(self.run_actions(id, acts)).await;
-    }
-
     async fn send_signal(&mut self, to: &str, signal: Signal) {
         self.request(
             Op::Signal {
@@ -1591,10 +1650,13 @@ impl Actor {
         );
         self.rtc_keys.insert(key, id.to_owned());
         if let Some(p) = self.peers.get_mut(id) {
+            let (writer, stop) = spawn_writer(link.clone(), key, self.rtc_tx.clone());
             p.rtc = Some(RtcSlot {
                 link: link.clone(),
                 key,
                 open: false,
+                writer,
+                _stop: stop,
             });
         }
         Ok(link)
@@ -1694,6 +1756,7 @@ impl Actor {
                     Ok(())
                 }
                 Action::Downgraded(reason) => {
+                    tracing::debug!(peer = id, %reason, "downgraded to the relay");
                     let retry = self.opts.auto_upgrade && !reason.contains("application");
                     if let Some(p) = self.peers.get_mut(id) {
                         p.link.on_transport_change(now);
@@ -1903,6 +1966,8 @@ impl Actor {
             return;
         }
         self.stop = true;
+        // First, so that emits waiting for credit fail with `Closed`, not `PeerOffline`.
+        self.credits.close();
         self.finish_ready(Err(Error::Connection(reason.to_owned())));
         let ids: Vec<String> = self.peers.keys().cloned().collect();
         for id in ids {
@@ -1936,7 +2001,6 @@ impl Actor {
                 _ => {}
             }
         }
-        self.credits.close();
         self.peer_event(PeerEvent::Closed {
             reason: reason.to_owned(),
         });

@@ -826,6 +826,11 @@ impl RtcLink {
             .map_err(|e| map_err(e, RtcError::BadCandidate))
     }
 
+    /// True when that channel (reliable or volatile) is open.
+    pub(crate) fn channel_open(&self, reliable: bool) -> bool {
+        self.open_channel(reliable).is_ok()
+    }
+
     /// Returns the channel in `slot` if it is open.
     fn open_channel(&self, reliable: bool) -> Result<Arc<RTCDataChannel>, RtcError> {
         if self.shared.owner_closed.load(Ordering::SeqCst) {

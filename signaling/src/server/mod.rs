@@ -361,6 +361,7 @@ impl P2pSignaling {
     }
 
     fn disconnected(&self, sid: &str, deliberate: bool) {
+        tracing::debug!(sid, deliberate, "socket disconnected");
         let grace = self.inner.opts.resume_grace;
         let id = {
             let mut st = self.lock();
@@ -1146,6 +1147,20 @@ fn signaling_of<A: Adapter>(s: &Arc<Socket<A>>) -> Option<P2pSignaling> {
     s.extensions.get::<P2pSignaling>()
 }
 
+/// socketioxide sends the Socket.IO CONNECT packet a moment before it marks the socket
+/// connected (on another thread), and refuses emits to it until then: a client that
+/// answers the CONNECT at once (socket.io-client sends `hello` on `connect`) could lose the
+/// response to its first request. That moment is a few instructions with no await, so a
+/// short spin waits it out.
+fn wait_connected<A: Adapter>(s: &Socket<A>) {
+    for _ in 0..10_000 {
+        if s.connected() {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Extractor that handles a `p2p:req` synchronously, in the socket's receive order.
 struct RequestDone;
 impl<A: Adapter> FromMessageParts<A> for RequestDone {
@@ -1156,6 +1171,7 @@ impl<A: Adapter> FromMessageParts<A> for RequestDone {
         ack: &Option<i64>,
     ) -> Result<Self, Infallible> {
         if let Some(sig) = signaling_of(s) {
+            wait_connected(s);
             let TryData(data) = TryData::<Json>::from_message_parts(s, v, ack)?;
             sig.handle_request(&s.id.to_string(), data.map_err(|e| e.to_string()));
         }
@@ -1174,6 +1190,7 @@ impl<A: Adapter> FromMessageParts<A> for FrameDone {
         ack: &Option<i64>,
     ) -> Result<Self, Infallible> {
         if let Some(sig) = signaling_of(s) {
+            wait_connected(s);
             let binary = matches!(v, Value::Str(_, Some(bins)) if !bins.is_empty());
             let data = if binary {
                 TryData::<Bytes>::from_message_parts(s, v, ack)?
