@@ -48,7 +48,9 @@ fn out(v: Value) {
 
 /// The deterministic test bytes: byte `i` is `(i * 31 + 7) mod 256`.
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(31).wrapping_add(7)) as u8).collect()
+    (0..len)
+        .map(|i| (i.wrapping_mul(31).wrapping_add(7)) as u8)
+        .collect()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -265,7 +267,9 @@ fn install(name: &str, p2p: &P2p, handled: &[String]) {
                     .and_then(|x| x.parse::<usize>().ok())
                     .unwrap_or(0);
                 let r = stream_both(stream, back).await;
-                out(json!({"ev": "stream", "peer": n, "from": from, "name": sname, "read": r.0, "sha256": r.1, "error": r.2}));
+                out(
+                    json!({"ev": "stream", "peer": n, "from": from, "name": sname, "read": r.0, "sha256": r.1, "error": r.2}),
+                );
             });
         }
     });
@@ -300,7 +304,10 @@ async fn stream_both(stream: P2pStream, send: usize) -> (usize, String, Option<S
     match (w, r) {
         (Ok(()), Ok((n, sha))) => (n, sha, None),
         (w, r) => {
-            let err = w.err().or(r.as_ref().err().map(|e| std::io::Error::new(e.kind(), e.to_string())));
+            let err = w.err().or(r
+                .as_ref()
+                .err()
+                .map(|e| std::io::Error::new(e.kind(), e.to_string())));
             let (n, sha) = r.unwrap_or((0, String::new()));
             (n, sha, err.map(|e| e.to_string()))
         }
@@ -327,7 +334,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
         }
         out(v);
     };
-    let fail = |e: &Error| out(json!({"ev": "error", "id": id, "code": code(e), "message": e.to_string()}));
+    let fail = |e: &Error| {
+        out(json!({"ev": "error", "id": id, "code": code(e), "message": e.to_string()}))
+    };
     let to = str_field(&cmd, "to").map(str::to_owned);
     let event = str_field(&cmd, "event").unwrap_or("hi").to_owned();
     match str_field(&cmd, "cmd").unwrap_or("") {
@@ -351,7 +360,11 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             let handled: Vec<String> = cmd
                 .get("handle")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_else(|| DEFAULT_HANDLED.iter().map(|s| (*s).to_owned()).collect());
             match P2p::connect(&url, opts).await {
                 Ok(p2p) => {
@@ -364,7 +377,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             }
         }
         "emit" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let data = Payload::Json(cmd.get("data").cloned().unwrap_or(Value::Null));
             let r = match &to {
                 Some(t) => p.to(t).emit(&event, data).await,
@@ -376,7 +391,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             }
         }
         "emit_n" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let n = cmd.get("n").and_then(Value::as_u64).unwrap_or(1);
             let t = to.clone().unwrap_or_default();
             for i in 0..n {
@@ -387,7 +404,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             done(json!({"n": n}));
         }
         "emit_bin" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let len = cmd.get("len").and_then(Value::as_u64).unwrap_or(0) as usize;
             let data = Payload::Binary(bytes::Bytes::from(pattern(len)));
             let r = match &to {
@@ -400,7 +419,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             }
         }
         "ack" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let data = match cmd.get("bin").and_then(Value::as_u64) {
                 Some(len) => Payload::Binary(bytes::Bytes::from(pattern(len as usize))),
                 None => Payload::Json(cmd.get("data").cloned().unwrap_or(Value::Null)),
@@ -420,14 +441,18 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             }
         }
         "peers" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             match p.peers().await {
                 Ok(list) => done(json!({"peers": list.iter().map(info_json).collect::<Vec<_>>()})),
                 Err(e) => fail(&e),
             }
         }
         "join" | "leave" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let room = str_field(&cmd, "room").unwrap_or("lobby");
             let r = if str_field(&cmd, "cmd") == Some("join") {
                 p.join(room).await.map(|_| ())
@@ -440,7 +465,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             }
         }
         "close" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             if let Some(name) = str_field(&cmd, "peer") {
                 peers.lock().await.remove(name);
             }
@@ -448,9 +475,13 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             done(json!({}));
         }
         "provide" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let service = Service::new()
-                .method("add", |(a, b): (f64, f64)| async move { Ok::<_, ServiceError>(a + b) })
+                .method("add", |(a, b): (f64, f64)| async move {
+                    Ok::<_, ServiceError>(a + b)
+                })
                 .method("fail", |_: Value| async move {
                     Err::<Value, _>(ServiceError::new("Nope", "asked to fail"))
                 });
@@ -463,7 +494,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             }
         }
         "call" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let args = cmd.get("args").cloned().unwrap_or(Value::Null);
             let r: Result<Value, Error> = p
                 .service(str_field(&cmd, "service").unwrap_or("calc"))
@@ -475,7 +508,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             }
         }
         "subscribe" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let topic = str_field(&cmd, "topic").unwrap_or("news").to_owned();
             let name = str_field(&cmd, "peer").unwrap_or("").to_owned();
             match p.subscribe(&topic).await {
@@ -490,16 +525,23 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             }
         }
         "publish" => {
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let data = cmd.get("data").cloned().unwrap_or(Value::Null);
-            match p.publish(str_field(&cmd, "topic").unwrap_or("news"), data).await {
+            match p
+                .publish(str_field(&cmd, "topic").unwrap_or("news"), data)
+                .await
+            {
                 Ok(n) => done(json!({"reached": n})),
                 Err(e) => fail(&e),
             }
         }
         "stream" => {
             // Opens a stream, writes `len` pattern bytes, reads to the end.
-            let Some(p) = get(&peers, &cmd).await else { return };
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
             let t = to.clone().unwrap_or_default();
             let len = cmd.get("len").and_then(Value::as_u64).unwrap_or(0) as usize;
             match p
@@ -557,5 +599,7 @@ async fn main() {
     for p in peers.lock().await.values() {
         p.close().await;
     }
-    tokio::task::spawn_blocking(move || server.kill()).await.ok();
+    tokio::task::spawn_blocking(move || server.kill())
+        .await
+        .ok();
 }
