@@ -3,7 +3,8 @@
 //! Runs a `P2pSignaling` server on 127.0.0.1 (any free port), prints
 //! `{"ev":"listening","url":"http://127.0.0.1:PORT"}`, then reads commands as JSON lines on
 //! stdin and runs Rust `P2p` peers for them, reporting what happens as JSON lines on stdout.
-//! With `--static DIR` the server also serves the files of DIR (pages for browser tests).
+//! With `--static DIR` the server also serves the files of DIR under `/static/` (pages for
+//! browser tests).
 //!
 //! ```text
 //! cargo run -p socketio-p2p-examples --example interop -- [--static DIR]
@@ -142,11 +143,16 @@ async fn serve(port: u16, static_dir: Option<PathBuf>) -> SocketAddr {
     signaling.attach(&io);
     let mut app = axum::Router::new();
     if let Some(dir) = static_dir {
+        // Pages and scripts for browser tests, under /static/ (a catch-all fallback would
+        // take the Engine.IO requests of rust_socketio clients away from the Socket.IO layer).
         let dir = Arc::new(dir);
-        app = app.fallback(move |uri: axum::http::Uri| {
-            let dir = dir.clone();
-            async move { static_file(&dir, uri.path()).await }
-        });
+        app = app.route(
+            "/static/{*path}",
+            axum::routing::get(move |uri: axum::http::Uri| {
+                let dir = dir.clone();
+                async move { static_file(&dir, uri.path().trim_start_matches("/static")).await }
+            }),
+        );
     }
     let app = app.layer(layer);
     let mut tries = 0;
