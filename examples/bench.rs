@@ -68,6 +68,12 @@ enum Goal {
 const TARGETS: &[(&str, &str, Goal)] = &[
     ("relay", "ratio", Goal::AtLeast(0.9)),
     ("relay", "lost", Goal::AtMost(0.0)),
+    ("relay", "events_per_s", Goal::AtLeast(60_000.0)),
+    ("relay", "fanout_ratio", Goal::AtLeast(0.8)),
+    ("relay", "fanout_lost", Goal::AtMost(0.0)),
+    ("relay", "pairs_lost", Goal::AtMost(0.0)),
+    ("ack_rtt", "relay_p50_us", Goal::AtMost(500.0)),
+    ("ack_rtt", "relay_p99_us", Goal::AtMost(2000.0)),
     ("upgrade", "p50_ms", Goal::AtMost(20.0)),
     ("upgrade", "p99_ms", Goal::AtMost(100.0)),
     ("dc_throughput", "ratio", Goal::AtLeast(0.9)),
@@ -183,52 +189,69 @@ async fn start_signaling(nodelay: bool) -> Res<u16> {
     serve(layer, nodelay).await
 }
 
-/// The baseline: a bare socketioxide server that re-emits every event to the other sockets.
+/// The baseline: a bare socketioxide server that re-emits every event to the other sockets
+/// of the sender's room (the room comes in the connect `auth`), with the same clients.
 struct Forwarder {
     url: String,
-    sockets: Arc<Mutex<Vec<SocketRef>>>,
+    connected: Arc<AtomicUsize>,
     dropped: Arc<AtomicUsize>,
 }
 
+type Rooms = Arc<Mutex<std::collections::HashMap<String, Vec<SocketRef>>>>;
+
 async fn start_forwarder(nodelay: bool) -> Res<Forwarder> {
     let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
-    let sockets: Arc<Mutex<Vec<SocketRef>>> = Arc::default();
+    let rooms: Rooms = Arc::default();
+    let connected = Arc::new(AtomicUsize::new(0));
     let dropped = Arc::new(AtomicUsize::new(0));
-    let (list, lost) = (sockets.clone(), dropped.clone());
-    io.ns("/", async move |socket: SocketRef| {
-        let (others, lost) = (list.clone(), lost.clone());
-        socket.on_fallback(
-            async move |me: SocketRef, Event(event): Event, Data(data): Data<Value>| {
-                let targets: Vec<SocketRef> = lock(&others)
-                    .iter()
-                    .filter(|s| s.id != me.id)
-                    .cloned()
-                    .collect();
-                for s in targets {
-                    if s.emit(&event, &data).is_err() {
-                        lost.fetch_add(1, Ordering::Relaxed);
+    let (list, lost, count) = (rooms.clone(), dropped.clone(), connected.clone());
+    io.ns(
+        "/",
+        async move |socket: SocketRef, Data(auth): Data<Value>| {
+            let room = auth["room"].as_str().unwrap_or("all").to_owned();
+            let (others, lost) = (list.clone(), lost.clone());
+            let r = room.clone();
+            socket.on_fallback(
+                async move |me: SocketRef, Event(event): Event, Data(data): Data<Value>| {
+                    let targets: Vec<SocketRef> = lock(&others)
+                        .get(&r)
+                        .into_iter()
+                        .flatten()
+                        .filter(|s| s.id != me.id)
+                        .cloned()
+                        .collect();
+                    for s in targets {
+                        if s.emit(&event, &data).is_err() {
+                            lost.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
+                },
+            );
+            let others = list.clone();
+            let r = room.clone();
+            socket.on_disconnect(async move |me: SocketRef| {
+                if let Some(v) = lock(&others).get_mut(&r) {
+                    v.retain(|s| s.id != me.id);
                 }
-            },
-        );
-        let others = list.clone();
-        socket.on_disconnect(async move |me: SocketRef| {
-            lock(&others).retain(|s| s.id != me.id);
-        });
-        lock(&list).push(socket);
-    });
+            });
+            lock(&list).entry(room).or_default().push(socket);
+            count.fetch_add(1, Ordering::Relaxed);
+        },
+    );
     let port = serve(layer, nodelay).await?;
     Ok(Forwarder {
         url: format!("http://127.0.0.1:{port}"),
-        sockets,
+        connected,
         dropped,
     })
 }
 
-/// A raw rust_socketio client (websocket transport), counting the `n` events it receives.
-async fn raw_client(url: &str, counter: Option<Arc<Counter>>) -> Res<Client> {
+/// A raw rust_socketio client (websocket transport) in `room` of the forwarder, counting
+/// the events it receives.
+async fn raw_client(url: &str, room: &str, counter: Option<Arc<Counter>>) -> Res<Client> {
     let mut builder = ClientBuilder::new(url)
         .transport_type(TransportType::Websocket)
+        .auth(json!({ "room": room }))
         .reconnect(false);
     if let Some(c) = counter {
         builder = builder.on("n", move |_, _| {
@@ -237,6 +260,21 @@ async fn raw_client(url: &str, counter: Option<Arc<Counter>>) -> Res<Client> {
         });
     }
     builder.connect().await.map_err(|e| e.to_string().into())
+}
+
+/// CPU time of this process (user + system), from getrusage.
+fn cpu_time() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let tv = |t: nix::sys::time::TimeVal| {
+                Duration::from_secs(t.tv_sec().max(0) as u64)
+                    + Duration::from_micros(t.tv_usec().max(0) as u64)
+            };
+            tv(u.user_time()) + tv(u.system_time())
+        }
+        Err(_) => Duration::ZERO,
+    }
 }
 
 /// A `P2p` peer in `room`: websocket transport, no auto-upgrade, WebRTC on loopback only.
@@ -268,61 +306,180 @@ async fn pair(url: &str, room: &str, set: Settings) -> Res<(P2p, P2p)> {
 
 // ---------- scenarios ----------
 
-/// N small JSON events A→B through P2pSignaling vs a bare socketioxide forwarder.
-async fn relay(url: &str, set: Settings) -> Res<Outcome> {
-    const N: usize = 20_000;
-    const IDLE: Duration = Duration::from_secs(3);
+/// One relay run: deliveries per second, deliveries lost, CPU seconds per 100k deliveries.
+struct Run {
+    rate: f64,
+    lost: usize,
+    cpu_per_100k: f64,
+}
 
-    let (a, b) = pair(url, "relay", set).await?;
-    let counter = Counter::new(N);
-    let c = counter.clone();
-    b.on("n", move |_| c.add(1));
-    let to = a.to(b.id());
+impl Run {
+    fn measure(counter: &Counter, got: usize, t0: Instant, cpu0: Duration) -> Run {
+        let secs = counter.elapsed_since(t0).as_secs_f64().max(1e-9);
+        let cpu = cpu_time().saturating_sub(cpu0).as_secs_f64();
+        Run {
+            rate: got as f64 / secs,
+            lost: counter.target - got,
+            cpu_per_100k: cpu * 100_000.0 / got.max(1) as f64,
+        }
+    }
+}
+
+const IDLE: Duration = Duration::from_secs(3);
+
+/// `groups` rooms of one sender and `receivers` receivers each; every sender emits
+/// `per_sender` events to its room (to its one receiver, targeted, when there is one),
+/// all groups at once, through `P2pSignaling`.
+async fn relay_ours(
+    url: &str,
+    set: Settings,
+    groups: usize,
+    receivers: usize,
+    per_sender: usize,
+) -> Res<Run> {
+    let counter = Counter::new(groups * receivers * per_sender);
+    let mut senders = Vec::new();
+    let mut all = Vec::new();
+    for g in 0..groups {
+        let room = format!("relay-{groups}-{receivers}-{g}");
+        let a = peer(url, &room, set).await?;
+        let mut ids = Vec::new();
+        for _ in 0..receivers {
+            let b = peer(url, &room, set).await?;
+            let c = counter.clone();
+            b.on("n", move |_| c.add(1));
+            ids.push(b.id().to_owned());
+            all.push(b);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while a.peers().await?.len() < receivers {
+            if Instant::now() > deadline {
+                return Err("relay: peers never met".into());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        senders.push((a, (receivers == 1).then(|| ids[0].clone())));
+    }
     let t0 = Instant::now();
-    for i in 0..N {
-        to.emit("n", json!(i)).await?;
+    let cpu0 = cpu_time();
+    let tasks: Vec<_> = senders
+        .iter()
+        .map(|(a, target)| {
+            let (a, target) = (a.clone(), target.clone());
+            tokio::spawn(async move {
+                for i in 0..per_sender {
+                    let r = match &target {
+                        Some(t) => a.to(t).emit("n", json!(i)).await,
+                        None => a.emit("n", json!(i)).await,
+                    };
+                    r?;
+                }
+                Ok::<(), socketio_p2p::Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
     }
     let got = counter.wait(IDLE).await;
-    let ours = got as f64 / counter.elapsed_since(t0).as_secs_f64();
-    a.close().await;
-    b.close().await;
+    let run = Run::measure(&counter, got, t0, cpu0);
+    for (a, _) in senders {
+        a.close().await;
+    }
+    for b in all {
+        b.close().await;
+    }
+    Ok(run)
+}
 
+/// The same run through the bare forwarder, with raw rust_socketio clients.
+async fn relay_bare(set: Settings, groups: usize, receivers: usize, per_sender: usize) -> Res<Run> {
     let fwd = start_forwarder(set.nodelay).await?;
-    let counter = Counter::new(N);
-    let rb = raw_client(&fwd.url, Some(counter.clone())).await?;
-    let ra = raw_client(&fwd.url, None).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lock(&fwd.sockets).len() < 2 {
+    let counter = Counter::new(groups * receivers * per_sender);
+    let mut senders = Vec::new();
+    let mut all = Vec::new();
+    for g in 0..groups {
+        let room = format!("g{g}");
+        for _ in 0..receivers {
+            all.push(raw_client(&fwd.url, &room, Some(counter.clone())).await?);
+        }
+        senders.push(raw_client(&fwd.url, &room, None).await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fwd.connected.load(Ordering::Relaxed) < groups * (receivers + 1) {
         if Instant::now() > deadline {
             return Err("forwarder clients never connected".into());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let t0 = Instant::now();
-    for i in 0..N {
-        ra.emit("n", json!(i))
-            .await
-            .map_err(|e| format!("baseline emit: {e}"))?;
+    let cpu0 = cpu_time();
+    let tasks: Vec<_> = senders
+        .iter()
+        .map(|ra| {
+            let ra = ra.clone();
+            tokio::spawn(async move {
+                for i in 0..per_sender {
+                    ra.emit("n", json!(i)).await?;
+                }
+                Ok::<(), rust_socketio::Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?.map_err(|e| format!("baseline emit: {e}"))?;
     }
-    let base_got = counter.wait(IDLE).await;
-    let base = base_got as f64 / counter.elapsed_since(t0).as_secs_f64();
+    let got = counter.wait(IDLE).await;
+    let run = Run::measure(&counter, got, t0, cpu0);
     if fwd.dropped.load(Ordering::Relaxed) > 0 {
         eprintln!(
             "relay: baseline forwarder dropped {} emits (buffer full)",
             fwd.dropped.load(Ordering::Relaxed)
         );
     }
-    let _ = ra.disconnect().await;
-    let _ = rb.disconnect().await;
+    for c in senders.into_iter().chain(all) {
+        let _ = c.disconnect().await;
+    }
+    Ok(run)
+}
 
+/// 100k small JSON events A→B, then a fan-out to a room of 50 and 20 pairs at once, each
+/// through `P2pSignaling` and through the bare forwarder with the same clients.
+async fn relay(url: &str, set: Settings) -> Res<Outcome> {
+    const N: usize = 100_000;
+    let ours = relay_ours(url, set, 1, 1, N).await?;
+    let base = relay_bare(set, 1, 1, N).await?;
+    let fan_ours = relay_ours(url, set, 1, 50, N / 50).await?;
+    let fan_base = relay_bare(set, 1, 50, N / 50).await?;
+    let pairs_ours = relay_ours(url, set, 20, 1, N / 20).await?;
+    let pairs_base = relay_bare(set, 20, 1, N / 20).await?;
     Ok(Outcome {
         scenario: "relay",
         fields: vec![
-            ("events_per_s", json!(ours.round())),
-            ("baseline_events_per_s", json!(base.round())),
-            ("ratio", json!(round(ours / base, 3))),
-            ("lost", json!(N - got)),
-            ("baseline_lost", json!(N - base_got)),
+            ("events_per_s", json!(ours.rate.round())),
+            ("baseline_events_per_s", json!(base.rate.round())),
+            ("ratio", json!(round(ours.rate / base.rate, 3))),
+            ("lost", json!(ours.lost)),
+            ("baseline_lost", json!(base.lost)),
+            ("cpu_s_per_100k", json!(round(ours.cpu_per_100k, 3))),
+            (
+                "baseline_cpu_s_per_100k",
+                json!(round(base.cpu_per_100k, 3)),
+            ),
+            ("fanout_deliveries_per_s", json!(fan_ours.rate.round())),
+            ("fanout_baseline_per_s", json!(fan_base.rate.round())),
+            (
+                "fanout_ratio",
+                json!(round(fan_ours.rate / fan_base.rate, 3)),
+            ),
+            ("fanout_lost", json!(fan_ours.lost)),
+            ("pairs_events_per_s", json!(pairs_ours.rate.round())),
+            ("pairs_baseline_per_s", json!(pairs_base.rate.round())),
+            (
+                "pairs_ratio",
+                json!(round(pairs_ours.rate / pairs_base.rate, 3)),
+            ),
+            ("pairs_lost", json!(pairs_ours.lost)),
         ],
     })
 }

@@ -9,14 +9,15 @@ use rust_socketio::Payload as SioPayload;
 use rust_socketio::asynchronous::Client;
 use serde_json::Value as Json;
 use socketio_p2p_signaling::protocol::{
-    Body, CallFor, ErrorCode, ErrorMsg, Frame, Msg, Op, PROTOCOL_VERSION, PeerInfo, Presence,
-    Publication, Request, Response, Resume, Signal, SignalFrom, Welcome, WirePayload, events,
-    relay_escape, relay_unescape,
+    BatchWriter, Body, CallFor, ErrorCode, ErrorMsg, Frame, FrameEncoding, Msg, Op,
+    PROTOCOL_VERSION, PeerInfo, Presence, Publication, Request, Response, Resume, Signal,
+    SignalFrom, Welcome, WirePayload, batch_from_base64, batch_to_base64, events, split_batch,
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::credit::Credits;
 use crate::error::{Error, Result};
-use crate::link::{CHUNK, Delivered, Link};
+use crate::link::{Delivered, Link};
 use crate::negotiate::{Action, Negotiation};
 use crate::options::P2pOptions;
 use crate::payload::{Event, Payload, PeerEvent, Responder, Transport};
@@ -27,20 +28,30 @@ use crate::stream::{IncomingStream, StreamCmd, StreamTable};
 const TICK: Duration = Duration::from_millis(5);
 /// On close, how long the actor keeps going to deliver what is already queued.
 const LINGER: Duration = Duration::from_secs(2);
+/// Relay frames are sent in batches of about this many bytes (one frame may be larger).
+const RELAY_BATCH: usize = 64 * 1024;
 
 /// Commands from `P2p` handles.
 pub(crate) enum Cmd {
+    /// A reliable event; the handle already took `frames` of credit on each target.
     Emit {
+        targets: Vec<String>,
+        event: String,
+        payload: WirePayload,
+        frames: usize,
+    },
+    /// A best-effort event, to one peer or to all.
+    Volatile {
         target: Option<String>,
         event: String,
-        payload: Payload,
-        volatile: bool,
-        done: oneshot::Sender<Result<()>>,
+        payload: WirePayload,
     },
+    /// An event that waits for a reply (credit taken like `Emit`).
     EmitAck {
         peer: String,
         event: String,
-        payload: Payload,
+        payload: WirePayload,
+        frames: usize,
         timeout: Duration,
         reply: oneshot::Sender<Result<Payload>>,
     },
@@ -112,7 +123,8 @@ pub(crate) enum Cmd {
 #[derive(Debug)]
 pub(crate) enum NetIn {
     Connected,
-    Frame(Bytes),
+    /// A `p2p:f` batch (decoded from base64).
+    Batch(Bytes),
     Response(Json),
     Signal(Json),
     Presence(Json),
@@ -131,8 +143,18 @@ impl NetIn {
         };
         Some(match event {
             events::FRAME => match payload {
-                SioPayload::Binary(b) => NetIn::Frame(b),
-                _ => return None,
+                SioPayload::Binary(b) => NetIn::Batch(b),
+                SioPayload::Text(v) => {
+                    match v.first().and_then(Json::as_str).map(batch_from_base64) {
+                        Some(Ok(b)) => NetIn::Batch(b),
+                        _ => {
+                            tracing::warn!("undecodable p2p:f batch from the server");
+                            return None;
+                        }
+                    }
+                }
+                #[allow(deprecated)]
+                SioPayload::String(_) => return None,
             },
             events::RESPONSE => NetIn::Response(first_json(payload)?),
             events::SIGNAL => NetIn::Signal(first_json(payload)?),
@@ -250,7 +272,10 @@ pub(crate) struct Actor {
     next_rid: u64,
     acks: HashMap<u64, PendingAck>,
     next_ack: u64,
-    parked: Vec<(Vec<String>, oneshot::Sender<Result<()>>)>,
+    credits: Arc<Credits>,
+    /// Relay frames of this turn of the loop, sent as one `p2p:f` batch (or a few).
+    relay_out: BatchWriter,
+    relay_full: Vec<Bytes>,
     dirty: HashSet<String>,
     /// Messages held in all peers' `held` queues.
     held_total: usize,
@@ -263,6 +288,8 @@ pub(crate) struct Actor {
     /// Closing: delivering what is queued until this deadline, then shutting down.
     closing: Option<(Instant, String, Vec<oneshot::Sender<()>>)>,
     stop: bool,
+    /// Every `P2p` handle was dropped (the command channel is closed).
+    handles_gone: bool,
 }
 
 pub(crate) struct Channels {
@@ -273,6 +300,7 @@ pub(crate) struct Channels {
     pub(crate) stream_tx: mpsc::UnboundedSender<StreamCmd>,
     pub(crate) stream_rx: mpsc::UnboundedReceiver<StreamCmd>,
     pub(crate) incoming: mpsc::Sender<IncomingStream>,
+    pub(crate) credits: Arc<Credits>,
 }
 
 impl Actor {
@@ -324,7 +352,9 @@ impl Actor {
             next_rid: 0,
             acks: HashMap::new(),
             next_ack: 0,
-            parked: Vec::new(),
+            credits: ch.credits,
+            relay_out: BatchWriter::new(),
+            relay_full: Vec::new(),
             dirty: HashSet::new(),
             held_total: 0,
             ready: Some(ready),
@@ -333,6 +363,7 @@ impl Actor {
             pair_echo: None,
             closing: None,
             stop: false,
+            handles_gone: false,
             opts,
         }
     }
@@ -355,16 +386,23 @@ impl Actor {
                 Some((key, ev)) = self.rtc_rx.recv() => self.on_rtc(key, ev).await,
                 Some(c) = self.replies.recv() => self.on_cmd(c).await,
                 Some(c) = self.stream_rx.recv() => self.on_stream_cmd(c),
-                c = self.cmds.recv(), if self.closing.is_none() => match c {
+                // Commands are read while closing too: an emit that took its credit just
+                // before `close()` is still delivered.
+                c = self.cmds.recv(), if !self.handles_gone => match c {
                     Some(c) => self.on_cmd(c).await,
                     // Every handle is gone.
-                    None => self.begin_close("every P2p handle was dropped", None),
+                    None => {
+                        self.handles_gone = true;
+                        self.begin_close("every P2p handle was dropped", None);
+                    }
                 },
                 _ = tick.tick() => self.on_tick().await,
             }
             self.flush().await;
+            self.flush_relay().await;
             self.check_closing().await;
         }
+        self.flush_relay().await;
         let _ = self.client.disconnect().await;
     }
 
@@ -421,6 +459,7 @@ impl Actor {
                 confirm_by: None,
             },
         );
+        self.credits.add_peer(&info.id);
         true
     }
 
@@ -445,19 +484,27 @@ impl Actor {
             NetIn::Connected => {
                 tracing::debug!(registered = self.registered, "socket.io connected");
                 self.connected = true;
+                self.credits.set_connected(true);
                 // A hello sent on an earlier connection that died is void: send it again here.
                 self.reqs.retain(|_, r| !matches!(r.kind, ReqKind::Hello));
                 self.send_hello().await;
             }
 
-            NetIn::Frame(bytes) => match relay_unescape(&bytes).and_then(|b| Frame::decode(&b)) {
-                Ok(frame) => {
-                    let from = frame.from.clone();
-                    self.on_frame(&from, frame.body, Transport::Relay).await;
+            NetIn::Batch(batch) => match split_batch(&batch) {
+                Ok(frames) => {
+                    for bytes in frames {
+                        match Frame::decode(&bytes) {
+                            Ok(frame) => {
+                                let from = frame.from.clone();
+                                self.on_frame(&from, frame.body, Transport::Relay).await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(%e, len = bytes.len(), head = ?&bytes[..bytes.len().min(48)], "undecodable frame from the server")
+                            }
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(%e, len = bytes.len(), head = ?&bytes[..bytes.len().min(48)], "undecodable frame from the server")
-                }
+                Err(e) => tracing::warn!(%e, "undecodable batch from the server"),
             },
             NetIn::Response(v) => match serde_json::from_value::<Response>(v) {
                 Ok(r) => self.on_response(r).await,
@@ -498,6 +545,7 @@ impl Actor {
                 // The transport broke: rust_socketio reconnects by itself.
                 tracing::debug!(%msg, "server connection broken");
                 self.connected = false;
+                self.credits.set_connected(false);
                 self.disconnected_since.get_or_insert_with(Instant::now);
             }
             NetIn::SocketError(msg) => {
@@ -519,6 +567,7 @@ impl Actor {
             NetIn::Closed if self.opts.reconnect && self.ready.is_none() => {
                 // rust_socketio reconnects by itself; peers on data channels keep talking.
                 self.connected = false;
+                self.credits.set_connected(false);
                 self.disconnected_since.get_or_insert_with(Instant::now);
                 tracing::info!("server connection lost; reconnecting");
             }
@@ -540,6 +589,10 @@ impl Actor {
             uid: self.me.uid.clone().or_else(|| self.opts.uid.clone()),
             rooms: self.my_rooms.iter().cloned().collect(),
             resume,
+            // rust_socketio sends a binary event as two websocket messages (two writes, and
+            // Nagle's algorithm on its socket) and splits binary messages on 0x1e: text is
+            // one message and needs no escaping.
+            frames: FrameEncoding::Base64,
         };
         self.request(op, ReqKind::Hello).await;
     }
@@ -845,7 +898,7 @@ impl Actor {
             }
         }
         self.dirty.remove(id);
-        self.check_parked();
+        self.credits.remove_peer(id);
     }
 
     // ---------- frames ----------
@@ -892,10 +945,10 @@ impl Actor {
             }
             Body::LinkAck { upto, nack } => {
                 if let Some(peer) = self.peers.get_mut(from) {
-                    peer.link.on_ack(upto, nack, now);
+                    let released = peer.link.on_ack(upto, nack, now);
+                    self.credits.release(from, released);
                     self.dirty.insert(from.to_owned());
                 }
-                self.check_parked();
             }
             Body::Ping { nonce, pong: false } => {
                 self.send_now(from, Body::Ping { nonce, pong: true }).await;
@@ -1091,7 +1144,7 @@ impl Actor {
 
     fn push_msg(&mut self, to: &str, msg: Msg) {
         if let Some(peer) = self.peers.get_mut(to) {
-            if let Err(e) = peer.link.push(msg) {
+            if let Err(e) = peer.link.push(msg, false) {
                 tracing::warn!(%e, "could not encode a message");
             }
             self.dirty.insert(to.to_owned());
@@ -1134,8 +1187,27 @@ impl Actor {
                 }
             }
         }
-        self.emit_sio(events::FRAME, SioPayload::Binary(relay_escape(&frame)))
-            .await;
+        self.relay(&frame);
+    }
+
+    /// Queues a frame for the relay batch of this turn of the loop.
+    fn relay(&mut self, frame: &Bytes) {
+        if !self.relay_out.is_empty() && self.relay_out.len() + frame.len() > RELAY_BATCH {
+            self.relay_full.push(self.relay_out.take());
+        }
+        self.relay_out.push(frame);
+    }
+
+    /// Sends the relay frames of this turn: one `p2p:f` event per batch.
+    async fn flush_relay(&mut self) {
+        if !self.relay_out.is_empty() {
+            self.relay_full.push(self.relay_out.take());
+        }
+        for batch in std::mem::take(&mut self.relay_full) {
+            let text = batch_to_base64(&batch);
+            self.emit_sio(events::FRAME, SioPayload::Text(vec![Json::String(text)]))
+                .await;
+        }
     }
 
     /// Sends what the reliable links of dirty peers may send now.
@@ -1172,27 +1244,9 @@ impl Actor {
                 }
             }
             for f in &frames[relay_from..] {
-                self.emit_sio(events::FRAME, SioPayload::Binary(relay_escape(f)))
-                    .await;
+                self.relay(f);
             }
         }
-    }
-
-    fn check_parked(&mut self) {
-        if self.parked.is_empty() {
-            return;
-        }
-        let hwm = |p: &Peer| p.link.backlog() > p.link.window() * 4;
-        let peers = &self.peers;
-        let mut still = Vec::new();
-        for (targets, tx) in self.parked.drain(..) {
-            if targets.iter().any(|t| peers.get(t).is_some_and(hwm)) {
-                still.push((targets, tx));
-            } else {
-                let _ = tx.send(Ok(()));
-            }
-        }
-        self.parked = still;
     }
 
     // ---------- commands ----------
@@ -1243,35 +1297,53 @@ impl Actor {
                 }
             }
             Cmd::Emit {
+                targets,
+                event,
+                payload,
+                frames,
+            } => {
+                let msg = Msg::Event {
+                    event,
+                    ack_id: None,
+                    payload,
+                };
+                for t in targets {
+                    self.push_counted(&t, msg.clone(), frames);
+                }
+            }
+            Cmd::Volatile {
                 target,
                 event,
                 payload,
-                volatile,
-                done,
             } => {
-                let r = self.emit(target, event, payload, volatile, done).await;
-                if let Some((done, e)) = r {
-                    let _ = done.send(Err(e));
+                let targets: Vec<String> = match target {
+                    Some(t) => vec![t],
+                    None => self.peers.keys().cloned().collect(),
+                };
+                let msg = Msg::Event {
+                    event,
+                    ack_id: None,
+                    payload,
+                };
+                for t in targets {
+                    if self.peers.contains_key(&t) {
+                        self.send_now(&t, Body::Volatile { msg: msg.clone() }).await;
+                    }
                 }
             }
             Cmd::EmitAck {
                 peer,
                 event,
                 payload,
+                frames,
                 timeout,
                 reply,
             } => {
                 if !self.peers.contains_key(&peer) {
+                    self.credits.refund(&peer, frames);
                     let _ = reply.send(Err(Error::PeerOffline(peer)));
                     return;
                 }
-                let wire = match self.check_payload(&payload) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
                 self.next_ack += 1;
                 let ack_id = self.next_ack;
                 self.acks.insert(
@@ -1282,14 +1354,12 @@ impl Actor {
                         tx: reply,
                     },
                 );
-                self.push_msg(
-                    &peer,
-                    Msg::Event {
-                        event,
-                        ack_id: Some(ack_id),
-                        payload: wire,
-                    },
-                );
+                let msg = Msg::Event {
+                    event,
+                    ack_id: Some(ack_id),
+                    payload,
+                };
+                self.push_counted(&peer, msg, frames);
             }
             Cmd::Reply {
                 peer,
@@ -1363,87 +1433,17 @@ impl Actor {
         }
     }
 
-    fn check_payload(&self, payload: &Payload) -> Result<WirePayload> {
-        let wire = payload.to_wire()?;
-        let size = wire.bytes().len();
-        if size > self.opts.max_message_size {
-            return Err(Error::PayloadTooLarge {
-                size,
-                max: self.opts.max_message_size,
-            });
-        }
-        Ok(wire)
-    }
-
-    /// Returns the completion and an error when the emit failed at once.
-    async fn emit(
-        &mut self,
-        target: Option<String>,
-        event: String,
-        payload: Payload,
-        volatile: bool,
-        done: oneshot::Sender<Result<()>>,
-    ) -> Option<(oneshot::Sender<Result<()>>, Error)> {
-        let wire = match self.check_payload(&payload) {
-            Ok(w) => w,
-            Err(e) => return Some((done, e)),
+    /// Queues an emitted message whose credit the handle took.
+    fn push_counted(&mut self, to: &str, msg: Msg, frames: usize) {
+        let Some(peer) = self.peers.get_mut(to) else {
+            self.credits.refund(to, frames);
+            return;
         };
-        let targets: Vec<String> = match target {
-            Some(t) if self.peers.contains_key(&t) => vec![t],
-            Some(t) => return Some((done, Error::PeerOffline(t))),
-            None => self.peers.keys().cloned().collect(),
-        };
-        if !self.connected {
-            // Reconnecting: relay traffic waits in the links, up to the usual bound.
-            let full = targets.iter().any(|t| {
-                self.peers.get(t).is_some_and(|p| {
-                    p.transport() == Transport::Relay && p.link.backlog() > p.link.window() * 4
-                })
-            });
-            if full {
-                return Some((
-                    done,
-                    Error::QueueFull("reconnecting to the server and the backlog is full".into()),
-                ));
-            }
+        if let Err(e) = peer.link.push(msg, true) {
+            tracing::warn!(%e, "could not encode a message");
+            self.credits.refund(to, frames);
         }
-        let msg = Msg::Event {
-            event,
-            ack_id: None,
-            payload: wire,
-        };
-        if volatile {
-            if let Msg::Event { payload, .. } = &msg
-                && payload.bytes().len() > CHUNK
-            {
-                return Some((
-                    done,
-                    Error::PayloadTooLarge {
-                        size: payload.bytes().len(),
-                        max: CHUNK,
-                    },
-                ));
-            }
-            for t in &targets {
-                self.send_now(t, Body::Volatile { msg: msg.clone() }).await;
-            }
-            let _ = done.send(Ok(()));
-            return None;
-        }
-        for t in &targets {
-            self.push_msg(t, msg.clone());
-        }
-        let over = targets.iter().any(|t| {
-            self.peers
-                .get(t)
-                .is_some_and(|p| p.link.backlog() > p.link.window() * 4)
-        });
-        if over {
-            self.parked.push((targets, done));
-        } else {
-            let _ = done.send(Ok(()));
-        }
-        None
+        self.dirty.insert(to.to_owned());
     }
 
     // ---------- WebRTC ----------
@@ -1687,6 +1687,7 @@ impl Actor {
                         }
                         self.dirty.insert(id.to_owned());
                     }
+                    self.credits.set_relay(id, false);
                     self.peer_event(PeerEvent::Upgraded {
                         peer: id.to_owned(),
                     });
@@ -1701,6 +1702,7 @@ impl Actor {
                         }
                         self.dirty.insert(id.to_owned());
                     }
+                    self.credits.set_relay(id, true);
                     self.peer_event(PeerEvent::Downgraded {
                         peer: id.to_owned(),
                         reason,
@@ -1873,6 +1875,8 @@ impl Actor {
     /// Starts closing: what is already queued to peers still goes out (for at most
     /// [`LINGER`]), then everything shuts down.
     fn begin_close(&mut self, reason: &str, done: Option<oneshot::Sender<()>>) {
+        // Emits from now on fail with `Closed`; what was emitted before still goes out.
+        self.credits.close();
         let closing = self
             .closing
             .get_or_insert_with(|| (Instant::now() + LINGER, reason.to_owned(), Vec::new()));
@@ -1932,9 +1936,7 @@ impl Actor {
                 _ => {}
             }
         }
-        for (_, tx) in self.parked.drain(..) {
-            let _ = tx.send(Err(Error::Closed));
-        }
+        self.credits.close();
         self.peer_event(PeerEvent::Closed {
             reason: reason.to_owned(),
         });

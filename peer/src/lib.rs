@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 mod actor;
+mod credit;
 mod dispatch;
 mod error;
 mod link;
@@ -45,6 +46,7 @@ pub use options::{DEFAULT_ROOM, IceServer, P2pOptions};
 pub use payload::{Event, Payload, PeerEvent, Transport};
 pub use services::{ServiceRef, Subscription};
 pub use socketio_p2p_signaling::protocol::Publication;
+use socketio_p2p_signaling::protocol::WirePayload;
 pub use socketio_p2p_signaling::protocol::{ErrorCode, PeerInfo};
 pub use socketio_p2p_signaling::{Service, ServiceError};
 pub use stream::{IncomingStream, P2pStream};
@@ -58,6 +60,8 @@ pub struct HandlerId(u64);
 
 struct Inner {
     cmds: mpsc::UnboundedSender<Cmd>,
+    credits: Arc<credit::Credits>,
+    max_message_size: usize,
     registry: Registry,
     me: PeerInfo,
     ack_timeout: Duration,
@@ -165,6 +169,8 @@ impl P2p {
         let (incoming_tx, incoming_rx) = mpsc::channel(stream::INCOMING_QUEUE);
         let registry = Registry::default();
         tokio::spawn(dispatch::run(registry.clone(), ev_rx, pe_rx));
+        let credits = Arc::new(credit::Credits::new(opts.window * 4));
+        let max_message_size = opts.max_message_size;
         let (ready_tx, ready_rx) = oneshot::channel();
         let ack_timeout = opts.ack_timeout;
         let events_capacity = opts.events_capacity;
@@ -179,6 +185,7 @@ impl P2p {
                 stream_tx: stream_tx.clone(),
                 stream_rx,
                 incoming: incoming_tx,
+                credits: credits.clone(),
             },
             ready_tx,
         );
@@ -187,6 +194,8 @@ impl P2p {
         Ok(P2p {
             inner: Arc::new(Inner {
                 cmds: cmd_tx,
+                credits,
+                max_message_size,
                 registry,
                 me,
                 ack_timeout,
@@ -217,6 +226,17 @@ impl P2p {
         rx.await.map_err(|_| Error::Closed)
     }
 
+    /// Serializes a payload here, in the caller's task, and checks its size.
+    fn wire(&self, payload: &Payload) -> Result<WirePayload> {
+        let wire = payload.to_wire()?;
+        let size = wire.bytes().len();
+        let max = self.inner.max_message_size;
+        if size > max {
+            return Err(Error::PayloadTooLarge { size, max });
+        }
+        Ok(wire)
+    }
+
     async fn emit_inner(
         &self,
         target: Option<String>,
@@ -224,14 +244,37 @@ impl P2p {
         payload: Payload,
         volatile: bool,
     ) -> Result<()> {
-        self.call(|done| Cmd::Emit {
-            target,
+        let payload = self.wire(&payload)?;
+        if volatile {
+            if payload.bytes().len() > link::CHUNK {
+                return Err(Error::PayloadTooLarge {
+                    size: payload.bytes().len(),
+                    max: link::CHUNK,
+                });
+            }
+            return self.send(Cmd::Volatile {
+                target,
+                event: event.to_owned(),
+                payload,
+            });
+        }
+        // No round trip to the actor: take credit (waiting only while a target is too far
+        // behind) and queue the message.
+        let frames = link::frames_of(&payload);
+        let targets = self
+            .inner
+            .credits
+            .acquire(target.as_deref(), frames)
+            .await?;
+        if targets.is_empty() {
+            return Ok(());
+        }
+        self.send(Cmd::Emit {
+            targets,
             event: event.to_owned(),
             payload,
-            volatile,
-            done,
+            frames,
         })
-        .await?
     }
 
     /// Sends an event to every peer of this peer's rooms and pair. Returns once the event is
@@ -627,12 +670,19 @@ impl To<'_> {
         payload: impl Into<Payload>,
         timeout: Duration,
     ) -> Result<Payload> {
-        let payload = payload.into();
+        let payload = self.p2p.wire(&payload.into())?;
+        let frames = link::frames_of(&payload);
+        self.p2p
+            .inner
+            .credits
+            .acquire(Some(&self.peer), frames)
+            .await?;
         self.p2p
             .call(|reply| Cmd::EmitAck {
                 peer: self.peer.clone(),
                 event: event.to_owned(),
                 payload,
+                frames,
                 timeout,
                 reply,
             })

@@ -14,6 +14,11 @@ const MIN_RTO: Duration = Duration::from_millis(200);
 const MAX_RTO: Duration = Duration::from_secs(2);
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
+/// Frames a message with this payload takes on a link.
+pub(crate) fn frames_of(payload: &WirePayload) -> usize {
+    payload.bytes().len().div_ceil(CHUNK).max(1)
+}
+
 /// A complete message delivered by [`Link::on_data`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Delivered {
@@ -45,8 +50,9 @@ pub(crate) struct Link {
     window: u64,
     // send side
     next_seq: u64,
-    /// Frames not yet acknowledged, oldest first: (seq, encoded frame).
-    unacked: VecDeque<(u64, Bytes)>,
+    /// Frames not yet acknowledged, oldest first, with contiguous seqs: (seq, encoded
+    /// frame, counted against the sender's credit).
+    unacked: VecDeque<(u64, Bytes, bool)>,
     /// Highest seq handed to the transport since the last go-back.
     sent_upto: u64,
     acked: u64,
@@ -92,8 +98,10 @@ impl Link {
         }
     }
 
-    /// Queues a message, split into frames of at most [`CHUNK`] payload bytes.
-    pub(crate) fn push(&mut self, msg: Msg) -> Result<(), CodecError> {
+    /// Queues a message, split into frames of at most [`CHUNK`] payload bytes. `counted`:
+    /// its frames hold the sender's credit until acknowledged ([`Link::on_ack`] tells how
+    /// many were released).
+    pub(crate) fn push(&mut self, msg: Msg, counted: bool) -> Result<(), CodecError> {
         let (head, rest) = split_payload(msg);
         let mut frames = vec![head];
         let mut rest = rest;
@@ -117,7 +125,7 @@ impl Link {
                 },
             }
             .encode()?;
-            self.unacked.push_back((seq, frame));
+            self.unacked.push_back((seq, frame, counted));
         }
         Ok(())
     }
@@ -125,24 +133,31 @@ impl Link {
     /// Frames the transport should send now (within the window).
     pub(crate) fn poll_transmit(&mut self, out: &mut Vec<Bytes>) {
         let limit = self.acked + self.window;
-        for (seq, frame) in &self.unacked {
-            if *seq <= self.sent_upto {
-                continue;
-            }
+        let Some(&(front, _, _)) = self.unacked.front() else {
+            return;
+        };
+        // Seqs are contiguous: the next frame to send is at a known index.
+        let mut i =
+            usize::try_from((self.sent_upto + 1).saturating_sub(front)).unwrap_or(usize::MAX);
+        while let Some((seq, frame, _)) = self.unacked.get(i) {
             if *seq > limit {
                 break;
             }
             out.push(frame.clone());
             self.sent_upto = *seq;
+            i += 1;
         }
     }
 
-    /// An acknowledgement arrived.
-    pub(crate) fn on_ack(&mut self, upto: u64, nack: bool, now: Instant) {
+    /// An acknowledgement arrived. Returns how many counted frames it released.
+    pub(crate) fn on_ack(&mut self, upto: u64, nack: bool, now: Instant) -> usize {
+        let mut released = 0;
         if upto > self.acked && upto < self.next_seq {
             self.acked = upto;
-            while self.unacked.front().is_some_and(|(s, _)| *s <= upto) {
-                self.unacked.pop_front();
+            while self.unacked.front().is_some_and(|(s, _, _)| *s <= upto) {
+                if let Some((_, _, true)) = self.unacked.pop_front() {
+                    released += 1;
+                }
             }
             self.last_progress = now;
             self.rto = MIN_RTO;
@@ -155,6 +170,7 @@ impl Link {
             self.sent_upto = upto;
             self.last_progress = now;
         }
+        released
     }
 
     /// The relay dropped frame `seq` (the server said Busy): resend from it.
@@ -191,11 +207,6 @@ impl Link {
     /// Frames queued and not yet acknowledged.
     pub(crate) fn backlog(&self) -> usize {
         self.unacked.len()
-    }
-
-    /// The window, in frames.
-    pub(crate) fn window(&self) -> usize {
-        self.window as usize
     }
 
     /// A data frame arrived. Returns the complete message, if this frame completed one, and
@@ -426,7 +437,7 @@ mod tests {
         let mut a = Link::new("b", window, 1 << 20, t0);
         let mut b = Link::new("a", window, 1 << 20, t0);
         for i in 0..n {
-            a.push(ev(i)).ok();
+            a.push(ev(i), true).ok();
         }
         let mut got = Vec::new();
         let mut now = t0;
@@ -495,7 +506,7 @@ mod tests {
             ack_id: Some(4),
             payload: WirePayload::Binary(Bytes::from(big)),
         };
-        a.push(msg.clone()).ok();
+        a.push(msg.clone(), false).ok();
         let mut out = Vec::new();
         a.poll_transmit(&mut out);
         assert_eq!(out.len(), 4);
@@ -516,13 +527,16 @@ mod tests {
         let mut a = Link::new("b", 1000, 1 << 20, t0);
         let mut b = Link::new("a", 1000, CHUNK * 2, t0);
         let big = vec![7u8; CHUNK * 3];
-        a.push(Msg::Event {
-            event: "f".into(),
-            ack_id: Some(9),
-            payload: WirePayload::Binary(Bytes::from(big)),
-        })
+        a.push(
+            Msg::Event {
+                event: "f".into(),
+                ack_id: Some(9),
+                payload: WirePayload::Binary(Bytes::from(big)),
+            },
+            false,
+        )
         .ok();
-        a.push(ev(1)).ok();
+        a.push(ev(1), false).ok();
         let mut out = Vec::new();
         a.poll_transmit(&mut out);
         let mut got = Vec::new();
@@ -549,7 +563,7 @@ mod tests {
         let mut a = Link::new("b", 8, 1 << 20, t0);
         let mut b = Link::new("a", 8, 1 << 20, t0);
         for i in 0..3 {
-            a.push(ev(i)).ok();
+            a.push(ev(i), true).ok();
         }
         let mut out = Vec::new();
         a.poll_transmit(&mut out);
@@ -588,7 +602,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Link::new("b", 100, 1 << 20, t0);
         for i in 0..100 {
-            a.push(ev(i)).ok();
+            a.push(ev(i), true).ok();
         }
         let mut out = Vec::new();
         a.poll_transmit(&mut out);
@@ -615,7 +629,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Link::new("b", 4, 1 << 20, t0);
         for i in 0..10 {
-            a.push(ev(i)).ok();
+            a.push(ev(i), true).ok();
         }
         let mut out = Vec::new();
         a.poll_transmit(&mut out);

@@ -15,6 +15,7 @@ use socketioxide::SocketIo;
 use tokio::sync::mpsc;
 
 mod redis;
+pub mod sio;
 pub use self::redis::*;
 
 pub struct Server {
@@ -189,6 +190,16 @@ impl Raw {
             .expect("emit");
     }
 
+    /// Sends frames as one `p2p:f` batch in base64 text (what Rust peers send).
+    pub async fn send_frames(&self, frames: &[Vec<u8>]) {
+        let mut w = socketio_p2p_signaling::protocol::BatchWriter::new();
+        for f in frames {
+            w.push(f);
+        }
+        let text = socketio_p2p_signaling::protocol::batch_to_base64(&w.take());
+        self.emit("p2p:f", Value::String(text)).await;
+    }
+
     /// Next message of this event name (others are skipped), as JSON (binary as bytes array).
     pub async fn expect(&mut self, event: &str) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -212,7 +223,7 @@ impl Raw {
     pub async fn hello(&mut self, uid: Option<&str>, rooms: &[&str]) -> Value {
         self.emit(
             "p2p:req",
-            serde_json::json!({"rid": 1, "op": "hello", "version": 1, "uid": uid, "rooms": rooms}),
+            serde_json::json!({"rid": 1, "op": "hello", "version": 2, "uid": uid, "rooms": rooms, "frames": "base64"}),
         )
         .await;
         let res = self.expect("p2p:res").await;

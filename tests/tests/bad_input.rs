@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use socketio_p2p::P2p;
 use socketio_p2p_signaling::SignalingOptions;
-use socketio_p2p_signaling::protocol::{Body, Frame, Msg, WirePayload, relay_escape};
+use socketio_p2p_signaling::protocol::{Body, Frame, Msg, WirePayload};
 use socketio_p2p_tests::*;
 use tokio::sync::mpsc;
 
@@ -50,7 +50,7 @@ fn frame(to: &str, from: &str, text: &str) -> Vec<u8> {
             },
         },
     };
-    relay_escape(&f.encode().unwrap()).to_vec()
+    f.encode().unwrap().to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,10 +86,10 @@ async fn requests_before_hello_and_duplicate_hello() {
     raw.emit("p2p:req", json!({"rid": 1, "op": "join", "room": "ok"}))
         .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "NotRegistered");
-    raw.emit_bin("p2p:f", frame(a.id(), "", "hi")).await;
+    raw.send_frames(&[frame(a.id(), "", "hi")]).await;
     assert_eq!(code(&raw.expect("p2p:error").await), "NotRegistered");
     raw.hello(None, &["ok"]).await;
-    raw.emit("p2p:req", json!({"rid": 2, "op": "hello", "version": 1}))
+    raw.emit("p2p:req", json!({"rid": 2, "op": "hello", "version": 2}))
         .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "AlreadyRegistered");
     raw.emit("p2p:req", json!({"rid": 3, "op": "hello", "version": 99}))
@@ -111,14 +111,14 @@ async fn duplicate_uid_is_refused() {
     let mut r2 = Raw::connect(&s).await;
     r2.emit(
         "p2p:req",
-        json!({"rid": 1, "op": "hello", "version": 1, "uid": "same"}),
+        json!({"rid": 1, "op": "hello", "version": 2, "uid": "same"}),
     )
     .await;
     assert_eq!(code(&r2.expect("p2p:res").await), "UidTaken");
     // r2 can retry with another uid.
     r2.emit(
         "p2p:req",
-        json!({"rid": 2, "op": "hello", "version": 1, "uid": "other"}),
+        json!({"rid": 2, "op": "hello", "version": 2, "uid": "other"}),
     )
     .await;
     assert!(r2.expect("p2p:res").await.get("ok").is_some());
@@ -134,7 +134,7 @@ async fn unknown_targets_and_rooms() {
     raw.hello(None, &["r"]).await;
     // A peer that does not exist, and one that exists but shares no room.
     for target in ["no-such-peer", outsider.id()] {
-        raw.emit_bin("p2p:f", frame(target, "", "hi")).await;
+        raw.send_frames(&[frame(target, "", "hi")]).await;
         let e = raw.expect("p2p:error").await;
         assert_eq!(code(&e), "UnknownPeer", "{e}");
         assert_eq!(e["to"].as_str(), Some(target));
@@ -164,6 +164,7 @@ async fn garbage_frames_and_oversized_frames() {
     let (a, b) = healthy_pair(&s).await;
     let mut raw = Raw::connect(&s).await;
     raw.hello(None, &["ok"]).await;
+    // Garbage as a whole batch (binary or base64 text): the batch is refused.
     for garbage in [
         vec![],
         vec![0xff; 10],
@@ -175,8 +176,30 @@ async fn garbage_frames_and_oversized_frames() {
         let e = raw.expect("p2p:error").await;
         assert_eq!(code(&e), "BadRequest", "{garbage:?} -> {e}");
     }
+    raw.emit("p2p:f", json!("not base64 at all!")).await;
+    assert_eq!(code(&raw.expect("p2p:error").await), "BadRequest");
+    // Garbage frames inside a well-formed batch: each refused frame gets its error, and a
+    // good frame of the same batch still goes through.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    b.on("chat", move |ev| {
+        let _ = tx.send(ev.json::<String>().unwrap_or_default());
+    });
+    let garbage = [
+        vec![0xff; 10],
+        vec![1, 9, 0, 0, 0, 0],
+        vec![1, 1, 0, 200, b'x'],
+        vec![0x1e, 1, 2],
+    ];
+    let mut batch: Vec<Vec<u8>> = garbage.to_vec();
+    batch.push(frame(b.id(), "", "still here"));
+    raw.send_frames(&batch).await;
+    for g in &garbage {
+        let e = raw.expect("p2p:error").await;
+        assert_eq!(code(&e), "BadRequest", "{g:?} -> {e}");
+    }
+    assert_eq!(recv(&mut rx, 10).await, "still here");
     let big = frame(a.id(), "", &"x".repeat(100 * 1024));
-    raw.emit_bin("p2p:f", big).await;
+    raw.send_frames(&[big]).await;
     let e = raw.expect("p2p:error").await;
     assert_eq!(code(&e), "PayloadTooLarge", "{e}");
     assert_eq!(e["to"].as_str(), Some(a.id()));
@@ -194,7 +217,7 @@ async fn forged_sender_is_overwritten_by_the_server() {
     let mut raw = Raw::connect(&s).await;
     let welcome = raw.hello(None, &["ok"]).await;
     let raw_id = welcome["id"].as_str().unwrap().to_owned();
-    raw.emit_bin("p2p:f", frame(b.id(), a.id(), "i am a")).await;
+    raw.send_frames(&[frame(b.id(), a.id(), "i am a")]).await;
     let (from, text) = recv(&mut rx, 10).await;
     assert_eq!(text, "i am a");
     assert_eq!(from, raw_id, "the server must stamp the real sender");

@@ -63,9 +63,12 @@ pub enum CodecError {
     /// A field is longer than the format allows.
     #[error("{0} too long")]
     TooLong(&'static str),
-    /// Bad relay escaping (see [`relay_escape`]).
-    #[error("bad relay escape sequence")]
-    Escape,
+    /// A batch with an empty or truncated record (see [`BatchWriter`]).
+    #[error("bad batch: empty frame record")]
+    Batch,
+    /// A base64 batch that is not valid base64.
+    #[error("bad batch: invalid base64")]
+    Base64,
 }
 
 /// Payload of a message: JSON text or raw bytes.
@@ -518,12 +521,29 @@ fn decode_msg(r: &mut Reader<'_>, frame: &Bytes, flags: u8) -> Result<Msg, Codec
 /// Routing view of a frame, read without decoding the body (what the server needs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route<'a> {
+    /// The whole frame.
+    frame: &'a [u8],
     /// Target peer id.
     pub to: &'a str,
     /// Offset where the `from` field starts.
     from_at: usize,
     /// Offset where the body starts.
     body_at: usize,
+}
+
+impl Route<'_> {
+    /// The `seq` of a Data frame, read without decoding the rest of the body.
+    pub fn seq(&self) -> Option<u64> {
+        if self.frame.get(1) != Some(&KIND_DATA) {
+            return None;
+        }
+        Reader {
+            buf: self.frame,
+            pos: self.body_at,
+        }
+        .varint()
+        .ok()
+    }
 }
 
 /// Reads a frame's target without decoding its body; checks version and kind.
@@ -546,14 +566,16 @@ pub fn peek_route(frame: &[u8]) -> Result<Route<'_>, CodecError> {
         return Err(CodecError::Truncated);
     }
     Ok(Route {
+        frame,
         to,
         from_at,
         body_at,
     })
 }
 
-/// Rewrites the `from` field of a frame (the server stamps the sender's identity).
-pub fn stamp_from(frame: &[u8], route: &Route<'_>, from: &str) -> Result<Bytes, CodecError> {
+/// The frame with its `from` field rewritten (the server stamps the sender's identity).
+pub fn stamp_from(route: &Route<'_>, from: &str) -> Result<Bytes, CodecError> {
+    let frame = route.frame;
     let mut buf = BytesMut::with_capacity(frame.len() + from.len());
     buf.put_slice(&frame[..route.from_at]);
     put_str8(&mut buf, from, "from")?;
@@ -561,57 +583,89 @@ pub fn stamp_from(frame: &[u8], route: &Route<'_>, from: &str) -> Result<Bytes, 
     Ok(buf.freeze())
 }
 
-/// Escape byte of the relay encoding.
-const ESC: u8 = 0x1d;
-/// Engine.IO's record separator, which rust_socketio 0.6 splits binary websocket messages on.
-const RS: u8 = 0x1e;
-
-/// Encodes a frame for the Socket.IO relay: `0x1d` becomes `0x1d 0x01` and `0x1e` becomes
-/// `0x1d 0x02`.
+/// Frames packed for one `p2p:f` event: each frame as `varint(length) ++ frame`, concatenated.
 ///
-/// rust_socketio 0.6 (rust_engineio) runs every incoming websocket message, binary ones
-/// included, through its polling-payload parser, which splits on the record separator
-/// `0x1e`: a binary event containing that byte arrives truncated and the rest breaks the
-/// connection. Frames on the relay therefore never contain `0x1e`. Data channels carry
-/// frames unescaped. Frames without either byte (most small ones) are returned as they are.
-pub fn relay_escape(frame: &Bytes) -> Bytes {
-    let n = frame.iter().filter(|b| **b == ESC || **b == RS).count();
-    if n == 0 {
-        return frame.clone();
-    }
-    let mut out = BytesMut::with_capacity(frame.len() + n);
-    for &b in frame.iter() {
-        match b {
-            ESC => out.put_slice(&[ESC, 0x01]),
-            RS => out.put_slice(&[ESC, 0x02]),
-            b => out.put_u8(b),
-        }
-    }
-    out.freeze()
+/// Everything one flush produces goes into one batch (frames for several targets may share
+/// it: the server routes each frame by its `to`), so that a burst of frames costs one
+/// Socket.IO event and one write instead of one per frame.
+#[derive(Debug, Default, Clone)]
+pub struct BatchWriter {
+    buf: BytesMut,
+    count: usize,
 }
 
-/// Decodes [`relay_escape`].
-pub fn relay_unescape(data: &Bytes) -> Result<Bytes, CodecError> {
-    if !data.contains(&ESC) {
-        if data.contains(&RS) {
-            return Err(CodecError::Escape);
-        }
-        return Ok(data.clone());
+impl BatchWriter {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
     }
-    let mut out = BytesMut::with_capacity(data.len());
-    let mut it = data.iter();
-    while let Some(&b) = it.next() {
-        match b {
-            ESC => match it.next() {
-                Some(0x01) => out.put_u8(ESC),
-                Some(0x02) => out.put_u8(RS),
-                _ => return Err(CodecError::Escape),
-            },
-            RS => return Err(CodecError::Escape),
-            b => out.put_u8(b),
+
+    /// Appends one frame (empty frames are skipped: the format has no room for them).
+    pub fn push(&mut self, frame: &[u8]) {
+        if frame.is_empty() {
+            return;
         }
+        put_varint(&mut self.buf, frame.len() as u64);
+        self.buf.put_slice(frame);
+        self.count += 1;
     }
-    Ok(out.freeze())
+
+    /// Bytes so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True when no frame was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Frames so far.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The batch bytes; the writer is empty again afterwards.
+    pub fn take(&mut self) -> Bytes {
+        self.count = 0;
+        self.buf.split().freeze()
+    }
+}
+
+/// Splits a batch made by [`BatchWriter`] into its frames (zero-copy slices of `batch`).
+/// A batch must hold at least one frame; a length of 0, or one that runs past the end,
+/// is an error and nothing of the batch should be used.
+pub fn split_batch(batch: &Bytes) -> Result<Vec<Bytes>, CodecError> {
+    let mut r = Reader { buf: batch, pos: 0 };
+    let mut frames = Vec::new();
+    while r.pos < batch.len() {
+        let len = usize::try_from(r.varint()?).map_err(|_| CodecError::TooLong("frame"))?;
+        if len == 0 {
+            return Err(CodecError::Batch);
+        }
+        let start = r.pos;
+        r.take(len)?;
+        frames.push(batch.slice(start..r.pos));
+    }
+    if frames.is_empty() {
+        return Err(CodecError::Batch);
+    }
+    Ok(frames)
+}
+
+/// A batch as base64 text ([`crate::protocol::FrameEncoding::Base64`]).
+pub fn batch_to_base64(batch: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(batch)
+}
+
+/// Decodes [`batch_to_base64`].
+pub fn batch_from_base64(text: &str) -> Result<Bytes, CodecError> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.as_bytes())
+        .map(Bytes::from)
+        .map_err(|_| CodecError::Base64)
 }
 
 #[cfg(test)]
@@ -694,27 +748,39 @@ mod tests {
             prop_assert_eq!(back, frame.clone());
             let route = peek_route(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(route.to, frame.to.as_str());
-            let stamped = stamp_from(&bytes, &route, "server-set").map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let seq = match frame.body { Body::Data { seq, .. } => Some(seq), _ => None };
+            prop_assert_eq!(route.seq(), seq);
+            let stamped = stamp_from(&route, "server-set").map_err(|e| TestCaseError::fail(e.to_string()))?;
             let back = Frame::decode(&stamped).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(back.from.as_str(), "server-set");
             prop_assert_eq!(back.body, frame.body);
         }
 
         #[test]
-        fn relay_escape_roundtrip(data in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let b = Bytes::from(data);
-            let e = relay_escape(&b);
-            prop_assert!(!e.contains(&0x1e));
-            prop_assert_eq!(relay_unescape(&e).map_err(|e| TestCaseError::fail(e.to_string()))?, b);
+        fn batch_roundtrip(frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 1..20)) {
+            let mut w = BatchWriter::new();
+            for f in &frames {
+                w.push(f);
+            }
+            prop_assert_eq!(w.count(), frames.len());
+            let batch = w.take();
+            prop_assert!(w.is_empty());
+            let text = batch_to_base64(&batch);
+            prop_assert!(!text.bytes().any(|b| b == 0x1e || b == 0x1d));
+            let back = batch_from_base64(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&back, &batch);
+            let split = split_batch(&back).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let split: Vec<Vec<u8>> = split.iter().map(|b| b.to_vec()).collect();
+            prop_assert_eq!(split, frames);
         }
 
         #[test]
         fn never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..256)) {
             let b = Bytes::from(data);
-            let _ = relay_unescape(&b);
+            let _ = split_batch(&b);
             let _ = Frame::decode(&b);
             if let Ok(route) = peek_route(&b) {
-                let _ = stamp_from(&b, &route, "x");
+                let _ = stamp_from(&route, "x");
             }
         }
 
@@ -728,6 +794,25 @@ mod tests {
             v.truncate(i);
             let _ = Frame::decode(&Bytes::from(v));
         }
+    }
+
+    #[test]
+    fn bad_batches_are_refused() {
+        assert_eq!(split_batch(&Bytes::new()), Err(CodecError::Batch));
+        assert_eq!(
+            split_batch(&Bytes::from_static(&[0])),
+            Err(CodecError::Batch)
+        );
+        assert_eq!(
+            split_batch(&Bytes::from_static(&[3, 1, 2])),
+            Err(CodecError::Truncated)
+        );
+        assert_eq!(batch_from_base64("not base64!"), Err(CodecError::Base64));
+        let two = split_batch(&Bytes::from_static(&[1, 9, 2, 7, 8])).unwrap_or_default();
+        assert_eq!(
+            two,
+            vec![Bytes::from_static(&[9]), Bytes::from_static(&[7, 8])]
+        );
     }
 
     #[test]

@@ -24,7 +24,20 @@ pub mod events {
 }
 
 /// Protocol version spoken by this crate (sent in `hello`).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// How a client wants the `p2p:f` batches it receives: one binary attachment (the default,
+/// for socket.io-client), or one base64 text argument (for clients whose binary path is
+/// slow or splits messages, like rust_socketio 0.6). The server accepts both from anyone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameEncoding {
+    /// One binary argument holding the batch.
+    #[default]
+    Binary,
+    /// One string argument: the batch in standard base64 with padding.
+    Base64,
+}
 
 /// Identity of a peer as others see it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -63,6 +76,9 @@ pub enum Op {
         /// After a reconnection: take back this peer id (see [`Resume`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<Resume>,
+        /// How this client wants `p2p:f` batches delivered (default binary).
+        #[serde(default)]
+        frames: FrameEncoding,
     },
     /// Join a room. Replies the room's other peers (`[PeerInfo]`).
     Join {

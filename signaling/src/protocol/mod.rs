@@ -7,11 +7,11 @@ mod codec;
 mod control;
 
 pub use codec::{
-    Body, CodecError, FRAME_VERSION, Frame, MAX_ID_LEN, Msg, Route, StreamOp, WirePayload,
-    peek_route, relay_escape, relay_unescape, stamp_from,
+    BatchWriter, Body, CodecError, FRAME_VERSION, Frame, MAX_ID_LEN, Msg, Route, StreamOp,
+    WirePayload, batch_from_base64, batch_to_base64, peek_route, split_batch, stamp_from,
 };
 pub use control::{
-    CallError, CallFor, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, MAX_CANDIDATE_LEN,
-    MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo, Presence, Publication, Request, Response, Resume,
-    RoomPeers, Signal, SignalFrom, Welcome, events,
+    CallError, CallFor, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, FrameEncoding,
+    MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo, Presence, Publication, Request,
+    Response, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
 };

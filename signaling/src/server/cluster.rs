@@ -33,7 +33,7 @@ use super::state::{Conn, EmitFail, PeerSocket, State, TokenBucket, UidRegistry};
 use super::{Inner, Outbox, P2pSignaling, SignalingOptions, new_token, to_json};
 use crate::protocol::{
     Body, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, Frame, PeerInfo, Presence, Resume, events,
-    relay_unescape,
+    split_batch,
 };
 
 /// How a [`P2pSignaling`] joins a cluster of nodes sharing one redis-server; give it to
@@ -310,7 +310,8 @@ enum Out {
     Publish {
         channel: String,
         payload: Vec<u8>,
-        frame: bool,
+        /// Frames in it (counted against `max_queue`).
+        frames: usize,
     },
     /// Scripts to run (uid refresh and release), `(script, key, peer)`.
     Eval(Vec<(&'static str, String, String)>),
@@ -364,7 +365,7 @@ impl Cluster {
         let _ = self.tx.send(Out::Publish {
             channel,
             payload,
-            frame: false,
+            frames: 0,
         });
     }
     fn publish(&self, ctl: &Ctl) {
@@ -396,23 +397,20 @@ struct RemoteSocket {
 }
 
 impl PeerSocket for RemoteSocket {
-    fn emit_bin(&self, event: &'static str, data: Bytes) -> Result<(), EmitFail> {
-        if event != events::FRAME {
-            return Ok(());
-        }
+    fn emit_frames(&self, batch: Bytes, frames: usize) -> Result<(), EmitFail> {
         let c = &self.cluster;
-        if c.queued_frames.fetch_add(1, Ordering::AcqRel) >= c.max_queue {
-            c.queued_frames.fetch_sub(1, Ordering::AcqRel);
+        if c.queued_frames.fetch_add(frames, Ordering::AcqRel) >= c.max_queue {
+            c.queued_frames.fetch_sub(frames, Ordering::AcqRel);
             return Err(EmitFail::Full);
         }
-        let payload = encode(K_FRAME, &c.node, &self.peer, &data);
+        let payload = encode(K_FRAME, &c.node, &self.peer, &batch);
         let sent = c.tx.send(Out::Publish {
             channel: c.node_channel(&self.node),
             payload,
-            frame: true,
+            frames,
         });
         if sent.is_err() {
-            c.queued_frames.fetch_sub(1, Ordering::AcqRel);
+            c.queued_frames.fetch_sub(frames, Ordering::AcqRel);
             return Err(EmitFail::Closed);
         }
         Ok(())
@@ -934,13 +932,16 @@ impl P2pSignaling {
         }
     }
 
-    /// A frame from a peer of `node` for our peer `to`.
+    /// A batch of frames from a peer of `node` for our peer `to` (`from` already stamped).
     fn deliver_frame(&self, link: &Cluster, node: &str, to: &str, data: &[u8]) {
         let data = Bytes::copy_from_slice(data);
+        let Ok(frames) = split_batch(&data) else {
+            return;
+        };
         let target = self.local_socket(to);
         let failed = match target {
             None => Some((ErrorCode::UnknownPeer, "the target is gone")),
-            Some(t) => match t.emit_bin(events::FRAME, data.clone()) {
+            Some(t) => match t.emit_frames(data.clone(), frames.len()) {
                 Ok(()) => None,
                 Err(EmitFail::Full) => {
                     Some((ErrorCode::Busy, "the target's buffer is full; resend later"))
@@ -951,17 +952,19 @@ impl P2pSignaling {
         let Some((code, message)) = failed else {
             return;
         };
-        // Tell the sender, as its own node would have.
-        let Ok(frame) = relay_unescape(&data) else {
+        // Tell the sender, as its own node would have (one error for the batch, with the
+        // seq of its first Data frame: the sender's link goes back to it).
+        let decoded: Vec<Frame> = frames
+            .iter()
+            .filter_map(|f| Frame::decode(f).ok())
+            .collect();
+        let Some(frame) = decoded.first() else {
             return;
         };
-        let Ok(frame) = Frame::decode(&frame) else {
-            return;
-        };
-        let seq = match frame.body {
+        let seq = decoded.iter().find_map(|f| match f.body {
             Body::Data { seq, .. } => Some(seq),
             _ => None,
-        };
+        });
         let msg = ErrorMsg {
             error: ErrorBody {
                 code,
@@ -1063,9 +1066,9 @@ async fn publisher(
                 Out::Publish {
                     channel,
                     payload,
-                    frame,
+                    frames: n,
                 } => {
-                    frames += usize::from(frame);
+                    frames += n;
                     pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
                 }
                 Out::Eval(list) => {

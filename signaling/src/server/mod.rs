@@ -9,6 +9,7 @@ pub use cluster::RedisCluster;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,9 +24,9 @@ use socketioxide_core::Value;
 use socketioxide_core::adapter::DefinedAdapter;
 
 use crate::protocol::{
-    Body, ErrorBody, ErrorCode, ErrorMsg, Frame, Op, PROTOCOL_VERSION, PeerInfo, Presence, Request,
-    Response, RoomPeers, SignalFrom, Welcome, events, peek_route, relay_escape, relay_unescape,
-    stamp_from,
+    BatchWriter, ErrorBody, ErrorCode, ErrorMsg, FrameEncoding, Op, PROTOCOL_VERSION, PeerInfo,
+    Presence, Request, Response, RoomPeers, SignalFrom, Welcome, batch_from_base64,
+    batch_to_base64, events, peek_route, split_batch, stamp_from,
 };
 use services::ServiceOp;
 use state::{
@@ -220,12 +221,30 @@ impl std::fmt::Display for AuthRejected {
 }
 impl std::error::Error for AuthRejected {}
 
-impl<A: Adapter> PeerSocket for SocketRef<A> {
-    fn emit_bin(&self, event: &'static str, data: Bytes) -> Result<(), EmitFail> {
-        self.emit(event, &data).map_err(map_send_error)
+/// A socket of this node, with the batch encoding its client asked for in `hello`.
+struct LocalSocket<A: Adapter> {
+    socket: SocketRef<A>,
+    base64: AtomicBool,
+}
+
+impl<A: Adapter> PeerSocket for LocalSocket<A> {
+    fn emit_frames(&self, batch: Bytes, _frames: usize) -> Result<(), EmitFail> {
+        if self.base64.load(Ordering::Relaxed) {
+            self.socket
+                .emit(events::FRAME, &batch_to_base64(&batch))
+                .map_err(map_send_error)
+        } else {
+            self.socket
+                .emit(events::FRAME, &batch)
+                .map_err(map_send_error)
+        }
     }
     fn emit_json(&self, event: &'static str, data: &Json) -> Result<(), EmitFail> {
-        self.emit(event, data).map_err(map_send_error)
+        self.socket.emit(event, data).map_err(map_send_error)
+    }
+    fn set_encoding(&self, encoding: FrameEncoding) {
+        self.base64
+            .store(encoding == FrameEncoding::Base64, Ordering::Relaxed);
     }
 }
 
@@ -529,6 +548,7 @@ impl P2pSignaling {
                 uid,
                 rooms,
                 resume,
+                frames,
             } => {
                 if version != PROTOCOL_VERSION {
                     return Some(Err((
@@ -621,6 +641,7 @@ impl P2pSignaling {
                 };
                 if let Some(c) = st.conns.get_mut(id) {
                     c.info = Some(info.clone());
+                    c.socket.set_encoding(frames);
                 }
                 let mut room_peers = Vec::new();
                 for room in rooms {
@@ -918,103 +939,178 @@ impl P2pSignaling {
         }
     }
 
-    fn relay_frame(&self, me: &dyn PeerSocket, sid: &str, data: Result<Bytes, String>) {
-        let frame = match data.map(|d| relay_unescape(&d).map_err(|e| e.to_string())) {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                let msg = error_event(
-                    ErrorCode::BadRequest,
-                    format!("bad frame: {e}"),
-                    events::FRAME,
-                );
-                let _ = me.emit_json(events::ERROR, &to_json(&msg));
-                return;
-            }
-            Err(e) => {
-                let msg = error_event(
-                    ErrorCode::BadRequest,
-                    format!("p2p:f takes one binary frame: {e}"),
-                    events::FRAME,
-                );
-                let _ = me.emit_json(events::ERROR, &to_json(&msg));
-                return;
-            }
-        };
-        let fail = |code: ErrorCode, message: String, to: Option<String>| {
-            let seq = match Frame::decode(&frame) {
-                Ok(Frame {
-                    body: Body::Data { seq, .. },
-                    ..
-                }) => Some(seq),
-                _ => None,
-            };
-            let msg = ErrorMsg {
-                error: ErrorBody { code, message },
-                event: Some(events::FRAME.to_owned()),
-                to,
-                seq,
-            };
+    /// Relays one `p2p:f` batch: every frame in order, frames to the same target in one
+    /// outgoing batch. Errors go back to the sender in `p2p:error`, one per refused frame,
+    /// and one per outgoing batch the target's buffer could not take.
+    fn relay_batch(&self, me: &dyn PeerSocket, sid: &str, data: Result<Bytes, String>) {
+        let batch_error = |code: ErrorCode, message: String| {
+            let msg = error_event(code, message, events::FRAME);
             let _ = me.emit_json(events::ERROR, &to_json(&msg));
         };
+        let batch = match data {
+            Ok(b) => b,
+            Err(e) => {
+                return batch_error(
+                    ErrorCode::BadRequest,
+                    format!("p2p:f takes one batch (binary or base64 text): {e}"),
+                );
+            }
+        };
+        let max_batch = self.inner.opts.max_frame.saturating_mul(4);
+        if batch.len() > max_batch {
+            return batch_error(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "batch of {} bytes, the server takes at most {max_batch}",
+                    batch.len()
+                ),
+            );
+        }
+        let frames = match split_batch(&batch) {
+            Ok(f) => f,
+            Err(e) => return batch_error(ErrorCode::BadRequest, format!("bad batch: {e}")),
+        };
+        let mut errors: Vec<ErrorMsg> = Vec::new();
+        let mut outgoing: Vec<OutBatch> = Vec::new();
+        {
+            let st = self.lock();
+            let id = st.peer_id(sid);
+            let registered = st.conns.get(&id).is_some_and(|c| c.info.is_some());
+            for frame in &frames {
+                match self.route_frame(&st, &id, registered, frame) {
+                    Ok(Routed {
+                        to,
+                        socket,
+                        frame: stamped,
+                        seq,
+                    }) => {
+                        let i = match outgoing.iter().position(|o| o.to == to) {
+                            Some(i) => i,
+                            None => {
+                                outgoing.push(OutBatch {
+                                    to,
+                                    socket,
+                                    writer: BatchWriter::new(),
+                                    first_seq: None,
+                                });
+                                outgoing.len() - 1
+                            }
+                        };
+                        let out = &mut outgoing[i];
+                        out.first_seq = out.first_seq.or(seq);
+                        out.writer.push(&stamped);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        for mut out in outgoing {
+            let n = out.writer.count();
+            let failed = match out.socket.emit_frames(out.writer.take(), n) {
+                Ok(()) => None,
+                Err(EmitFail::Full) => {
+                    Some((ErrorCode::Busy, "the target's buffer is full; resend later"))
+                }
+                Err(EmitFail::Closed) => Some((ErrorCode::UnknownPeer, "the target is gone")),
+            };
+            if let Some((code, message)) = failed {
+                errors.push(frame_error(
+                    code,
+                    message.into(),
+                    Some(out.to),
+                    out.first_seq,
+                ));
+            }
+        }
+        for e in errors {
+            let _ = me.emit_json(events::ERROR, &to_json(&e));
+        }
+    }
+
+    /// Checks one frame of a batch from peer `id`: its target, and the frame with `from`
+    /// stamped (and its seq, for Data frames), or the error for the sender.
+    fn route_frame(
+        &self,
+        st: &State,
+        id: &str,
+        registered: bool,
+        frame: &Bytes,
+    ) -> Result<Routed, ErrorMsg> {
         if frame.len() > self.inner.opts.max_frame {
-            let to = peek_route(&frame).ok().map(|r| r.to.to_owned());
-            return fail(
+            let route = peek_route(frame).ok();
+            return Err(frame_error(
                 ErrorCode::PayloadTooLarge,
                 format!(
                     "frame of {} bytes, the server relays at most {}",
                     frame.len(),
                     self.inner.opts.max_frame
                 ),
-                to,
-            );
+                route.as_ref().map(|r| r.to.to_owned()),
+                route.and_then(|r| r.seq()),
+            ));
         }
-        let route = match peek_route(&frame) {
-            Ok(r) => r,
-            Err(e) => return fail(ErrorCode::BadRequest, format!("bad frame: {e}"), None),
-        };
-        let (target, id) = {
-            let st = self.lock();
-            let id = st.peer_id(sid);
-            let id = id.as_str();
-            if st.conns.get(id).is_none_or(|c| c.info.is_none()) {
-                drop(st);
-                return fail(
-                    ErrorCode::NotRegistered,
-                    "send hello first".into(),
-                    Some(route.to.to_owned()),
-                );
-            }
-            let target = if route.to == id || !st.share_scope(id, route.to) {
-                None
-            } else {
-                st.socket(route.to)
-            };
-            (target, id.to_owned())
+        let route = peek_route(frame).map_err(|e| {
+            frame_error(ErrorCode::BadRequest, format!("bad frame: {e}"), None, None)
+        })?;
+        let to = route.to.to_owned();
+        if !registered {
+            return Err(frame_error(
+                ErrorCode::NotRegistered,
+                "send hello first".into(),
+                Some(to),
+                route.seq(),
+            ));
+        }
+        let target = if route.to == id || !st.share_scope(id, route.to) {
+            None
+        } else {
+            st.socket(route.to)
         };
         let Some(target) = target else {
-            return fail(
+            return Err(frame_error(
                 ErrorCode::UnknownPeer,
                 format!("no peer {:?} in your rooms or pairs", route.to),
-                Some(route.to.to_owned()),
-            );
+                Some(to),
+                route.seq(),
+            ));
         };
-        let stamped = match stamp_from(&frame, &route, &id) {
-            Ok(b) => relay_escape(&b),
-            Err(e) => return fail(ErrorCode::BadRequest, format!("bad frame: {e}"), None),
-        };
-        match target.emit_bin(events::FRAME, stamped) {
-            Ok(()) => {}
-            Err(EmitFail::Full) => fail(
-                ErrorCode::Busy,
-                "the target's buffer is full; resend later".into(),
-                Some(route.to.to_owned()),
-            ),
-            Err(EmitFail::Closed) => fail(
-                ErrorCode::UnknownPeer,
-                "the target is gone".into(),
-                Some(route.to.to_owned()),
-            ),
-        }
+        let stamped = stamp_from(&route, id).map_err(|e| {
+            frame_error(ErrorCode::BadRequest, format!("bad frame: {e}"), None, None)
+        })?;
+        let seq = route.seq();
+        Ok(Routed {
+            to,
+            socket: target,
+            frame: stamped,
+            seq,
+        })
+    }
+}
+
+/// A frame ready to go: its target, the target's socket, the frame with `from` stamped,
+/// and its seq if it is a Data frame.
+struct Routed {
+    to: String,
+    socket: Arc<dyn PeerSocket>,
+    frame: Bytes,
+    seq: Option<u64>,
+}
+
+/// Frames of one incoming batch for one target.
+struct OutBatch {
+    to: String,
+    socket: Arc<dyn PeerSocket>,
+    writer: BatchWriter,
+    /// Seq of the first Data frame, reported if the target cannot take the batch.
+    first_seq: Option<u64>,
+}
+
+fn frame_error(code: ErrorCode, message: String, to: Option<String>, seq: Option<u64>) -> ErrorMsg {
+    ErrorMsg {
+        error: ErrorBody { code, message },
+        event: Some(events::FRAME.to_owned()),
+        to,
+        seq,
     }
 }
 
@@ -1040,7 +1136,10 @@ fn new_token(id: &str) -> String {
 }
 
 fn arc_of<A: Adapter>(s: &SocketRef<A>) -> Arc<dyn PeerSocket> {
-    Arc::new(s.clone())
+    Arc::new(LocalSocket {
+        socket: s.clone(),
+        base64: AtomicBool::new(false),
+    })
 }
 
 fn signaling_of<A: Adapter>(s: &Arc<Socket<A>>) -> Option<P2pSignaling> {
@@ -1064,7 +1163,8 @@ impl<A: Adapter> FromMessageParts<A> for RequestDone {
     }
 }
 
-/// Extractor that relays a `p2p:f` frame synchronously, so frames keep their order.
+/// Extractor that relays a `p2p:f` batch synchronously, so frames keep their order. The
+/// batch is one binary attachment, or one base64 string.
 struct FrameDone;
 impl<A: Adapter> FromMessageParts<A> for FrameDone {
     type Error = Infallible;
@@ -1074,9 +1174,23 @@ impl<A: Adapter> FromMessageParts<A> for FrameDone {
         ack: &Option<i64>,
     ) -> Result<Self, Infallible> {
         if let Some(sig) = signaling_of(s) {
-            let TryData(data) = TryData::<Bytes>::from_message_parts(s, v, ack)?;
+            let binary = matches!(v, Value::Str(_, Some(bins)) if !bins.is_empty());
+            let data = if binary {
+                TryData::<Bytes>::from_message_parts(s, v, ack)?
+                    .0
+                    .map_err(|e| e.to_string())
+            } else {
+                match TryData::<String>::from_message_parts(s, v, ack)?.0 {
+                    Ok(text) => batch_from_base64(&text).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
             let me = SocketRef::from_message_parts(s, v, ack)?;
-            sig.relay_frame(&me, &s.id.to_string(), data.map_err(|e| e.to_string()));
+            let me = LocalSocket {
+                socket: me,
+                base64: AtomicBool::new(false),
+            };
+            sig.relay_batch(&me, &s.id.to_string(), data);
         }
         Ok(FrameDone)
     }

@@ -19,8 +19,12 @@ pub(crate) enum EmitFail {
 /// What the state needs from a connected socket: lets the state stay independent of the
 /// socketioxide adapter type.
 pub(crate) trait PeerSocket: Send + Sync {
-    fn emit_bin(&self, event: &'static str, data: Bytes) -> Result<(), EmitFail>;
+    /// Sends a batch of `frames` frames (see `protocol::BatchWriter`) on `p2p:f`, in the
+    /// encoding the client asked for.
+    fn emit_frames(&self, batch: Bytes, frames: usize) -> Result<(), EmitFail>;
     fn emit_json(&self, event: &'static str, data: &serde_json::Value) -> Result<(), EmitFail>;
+    /// The client's `hello` said how it wants batches (local sockets only).
+    fn set_encoding(&self, _encoding: crate::protocol::FrameEncoding) {}
 }
 
 /// The uid registry: who holds which uid. Behind a trait so that a multi-node server can keep it
