@@ -48,8 +48,6 @@ export interface P2POptions {
   numClients?: number;
   iceServers?: unknown[];
   trickle?: boolean;
-  /** @internal Transitional: speak the version 1 wire (escaped single frames). */
-  wireVersion?: 1 | 2;
 }
 
 /** How an event arrived. */
@@ -136,25 +134,6 @@ function randomOddNonce(): bigint {
 
 function toError(e: ServerError | P2PError, extra: P2PError["details"] = {}): P2PError {
   return e instanceof P2PError ? e : new P2PError(e.code, e.message, extra);
-}
-
-function escapeV1(f: Uint8Array): Uint8Array {
-  const out: number[] = [];
-  for (const b of f) {
-    if (b === 0x1d) out.push(0x1d, 1);
-    else if (b === 0x1e) out.push(0x1d, 2);
-    else out.push(b);
-  }
-  return new Uint8Array(out);
-}
-
-function unescapeV1(f: Uint8Array): Uint8Array {
-  const out: number[] = [];
-  for (let i = 0; i < f.length; i++) {
-    if (f[i] === 0x1d) out.push(f[++i] === 1 ? 0x1d : 0x1e);
-    else out.push(f[i]!);
-  }
-  return new Uint8Array(out);
 }
 
 /** Sending options collected by the `to`/`timeout`/`volatile` operators. */
@@ -245,7 +224,7 @@ export class P2P {
     this.opts = opts;
     const rooms = [...(opts.rooms ?? []), ...(opts.room ? [opts.room] : [])];
     if (!rooms.length && !opts.uid && !opts.peerUid) rooms.push("default");
-    this.session = new Session({ uid: opts.uid ?? null, rooms, version: opts.wireVersion });
+    this.session = new Session({ uid: opts.uid ?? null, rooms });
     this.streams = new Streams(
       {
         window: opts.streamWindow,
@@ -846,7 +825,7 @@ export class P2P {
     const t = now();
     let frames: Uint8Array[];
     try {
-      frames = this.opts.wireVersion === 1 ? [unescapeV1(bytes)] : decodeBatch(bytes);
+      frames = decodeBatch(bytes);
     } catch {
       return;
     }
@@ -978,10 +957,6 @@ export class P2P {
   }
 
   private sendBatches(frames: Uint8Array[]): void {
-    if (this.opts.wireVersion === 1) {
-      for (const f of frames) this.socket.emit("p2p:f", escapeV1(f));
-      return;
-    }
     let group: Uint8Array[] = [];
     let size = 0;
     for (const f of frames) {

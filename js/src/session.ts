@@ -72,10 +72,7 @@ export class Session {
   private helloRid = 0;
   private readonly pending = new Map<number, Pending>();
 
-  private readonly version: number;
-
-  constructor(opts: { uid?: string | null; rooms?: Iterable<string>; version?: number } = {}) {
-    this.version = opts.version ?? PROTOCOL_VERSION;
+  constructor(opts: { uid?: string | null; rooms?: Iterable<string> } = {}) {
     this.uid = opts.uid ?? null;
     this.rooms = new Set(opts.rooms ?? []);
   }
@@ -84,8 +81,7 @@ export class Session {
   connected(now: number): Request {
     this.registered = false;
     this.helloRid = this.nextRid++;
-    const hello: Request = { rid: this.helloRid, op: "hello", version: this.version };
-    if (this.version >= 2) hello.frames = "binary";
+    const hello: Request = { rid: this.helloRid, op: "hello", version: PROTOCOL_VERSION, frames: "binary" };
     if (this.uid !== null) hello.uid = this.uid;
     if (this.rooms.size) hello.rooms = [...this.rooms];
     if (this.id !== null && this.token !== null) hello.resume = { id: this.id, token: this.token };

@@ -5,7 +5,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync, writeFileSync, existsSync } from "node:fs";
 import { fileURLToPath } from "node:url";
-import { encodeFrame, decodeFrame, Session, Link, utf8 } from "../dist/core.js";
+import { encodeFrame, decodeFrame, encodeBatch, decodeBatch, toBase64, fromBase64, Session, Link, utf8 } from "../dist/core.js";
 
 const fixture = (name) => fileURLToPath(new URL(`fixtures/${name}`, import.meta.url));
 const hex = (b) => Buffer.from(b).toString("hex");
@@ -50,14 +50,24 @@ test("Rust frames decode to the same values and re-encode byte for byte", () => 
   }
 });
 
+test("Rust batches split into the same frames and re-encode byte for byte, binary and base64", () => {
+  assert.ok(rust.batches.length >= 4);
+  for (const b of rust.batches) {
+    const frames = decodeBatch(unhex(b.hex));
+    assert.deepEqual(frames.map(hex), b.frames.map((i) => rust.frames[i].hex));
+    assert.equal(hex(encodeBatch(frames)), b.hex);
+    assert.equal(toBase64(unhex(b.hex)), b.base64);
+    assert.equal(hex(fromBase64(b.base64)), b.hex);
+  }
+});
+
 test("Rust control messages: requests have the shape ours have, responses the fields we read", () => {
   const byName = Object.fromEntries(rust.control.map((c) => [c.name, c.json]));
   // Our hello after a reconnection (resume) is the Rust request plus the `frames` mode.
   const s = new Session({ uid: "alice", rooms: ["lobby"] });
   s.connected(0);
   s.response({ rid: 1, ok: byName["response welcome"].ok }, 0);
-  const { frames, ...hello } = s.connected(0);
-  assert.equal(frames, "binary");
+  const hello = s.connected(0);
   assert.deepEqual({ ...hello, rid: 1 }, byName["request hello with resume"]);
   s.response({ rid: hello.rid, ok: { ...byName["response welcome"].ok, continued: true } }, 0);
   const h = { resolve() {}, reject() {} };
@@ -117,9 +127,14 @@ function jsVectors() {
     ["call_result", { cid: 3, outcome: { ok: 3 } }], ["subscribe", { topic: "news" }],
     ["publish", { topic: "news", data: { a: 1 } }],
   ]) requests.push({ name: op, json: s.request(op, fields, 0, h) });
+  const batches = [[0, 1, 2, 3], [5], [6, 7, 8, 9, 10, 11]].map((idx) => {
+    const batch = encodeBatch(idx.map((i) => unhex(frames[i].hex)));
+    return { frames: idx, hex: hex(batch), base64: toBase64(batch) };
+  });
   return {
     about: "written by js/test/golden.test.mjs from the JS codec (GOLDEN_WRITE=1); checked by tests/tests/golden.rs",
     frames,
+    batches,
     requests,
   };
 }

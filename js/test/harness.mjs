@@ -129,14 +129,10 @@ export function jsPeer(url, opts = {}, ioOpts = {}) {
     reconnectionDelayMax: 500,
     ...ioOpts,
   });
-  return new P2P(socket, { wireVersion: Number(process.env.P2P_WIRE_VERSION ?? 2), ...opts });
+  return new P2P(socket, opts);
 }
 
-/** Sends one frame on the socket as the wire wants it. */
+/** Sends one frame on the socket, alone in its batch. */
 export function rawSend(socket, frame) {
-  if (process.env.P2P_WIRE_VERSION === "1") {
-    const out = [];
-    for (const b of frame) out.push(...(b === 0x1d ? [0x1d, 1] : b === 0x1e ? [0x1d, 2] : [b]));
-    socket.emit("p2p:f", new Uint8Array(out));
-  } else socket.emit("p2p:f", encodeBatch([frame]));
+  socket.emit("p2p:f", encodeBatch([frame]));
 }

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use socketio_p2p_signaling::protocol::{
-    Body, CallError, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, Frame, Msg, Op, PeerInfo,
-    Presence, Publication, Request, Response, Resume, RoomPeers, StreamOp, Welcome, WirePayload,
+    BatchWriter, Body, CallError, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, Frame,
+    FrameEncoding, Msg, Op, PeerInfo, Presence, Publication, Request, Response, Resume, RoomPeers,
+    StreamOp, Welcome, WirePayload, batch_from_base64, batch_to_base64, split_batch,
 };
 
 fn fixtures() -> PathBuf {
@@ -412,6 +413,7 @@ fn control_messages() -> Vec<(&'static str, Value)> {
                         id: "Zk3q9aT0cVxB1mQe".into(),
                         token: "inst.9b1f0c7a".into(),
                     }),
+                    frames: FrameEncoding::Binary,
                 },
             ),
         ),
@@ -543,6 +545,26 @@ fn rust_vectors_for_js() {
             json!({"name": name, "hex": hex(&bytes), "frame": describe(&f)})
         })
         .collect();
+    // Batches: consecutive runs of the frames above, as one `p2p:f` argument would carry them.
+    let encoded: Vec<Bytes> = rust_frames()
+        .into_iter()
+        .map(|(_, f)| f.encode().unwrap())
+        .collect();
+    let batches: Vec<Value> = [(0, 1), (0, 3), (9, 14), (3, 5), (0, encoded.len())]
+        .into_iter()
+        .map(|(a, b)| {
+            let mut w = BatchWriter::new();
+            for f in &encoded[a..b] {
+                w.push(f);
+            }
+            let batch = w.take();
+            let split = split_batch(&batch).unwrap();
+            assert_eq!(split, encoded[a..b].to_vec());
+            let b64 = batch_to_base64(&batch);
+            assert_eq!(batch_from_base64(&b64).unwrap(), batch);
+            json!({"frames": (a..b).collect::<Vec<_>>(), "hex": hex(&batch), "base64": b64})
+        })
+        .collect();
     let control: Vec<Value> = control_messages()
         .into_iter()
         .map(|(name, v)| json!({"name": name, "json": v}))
@@ -550,6 +572,7 @@ fn rust_vectors_for_js() {
     let doc = json!({
         "about": "written by tests/tests/golden.rs from the Rust codec; checked by js/test/golden.test.mjs",
         "frames": frames,
+        "batches": batches,
         "control": control,
     });
     let text = serde_json::to_string_pretty(&doc).unwrap() + "\n";
@@ -572,6 +595,24 @@ fn js_vectors_decode_and_reencode() {
         let f = Frame::decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(describe(&f), v["frame"], "{name}");
         assert_eq!(f.encode().unwrap(), bytes, "{name}: re-encoded");
+    }
+    for v in doc["batches"].as_array().unwrap() {
+        let batch = Bytes::from(unhex(v["hex"].as_str().unwrap()));
+        let split = split_batch(&batch).unwrap();
+        let want: Vec<Bytes> = v["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                Bytes::from(unhex(
+                    frames[i.as_u64().unwrap() as usize]["hex"]
+                        .as_str()
+                        .unwrap(),
+                ))
+            })
+            .collect();
+        assert_eq!(split, want);
+        assert_eq!(batch_to_base64(&batch), v["base64"].as_str().unwrap());
     }
     let requests = doc["requests"].as_array().unwrap();
     assert!(!requests.is_empty());

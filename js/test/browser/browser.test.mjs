@@ -46,7 +46,7 @@ for (const [name, launch] of Object.entries(browsers)) {
       browser = await puppeteer.launch({ ...launch, env: { ...process.env, HOME: process.env.HOME ?? "/tmp" } });
       page = await browser.newPage();
       page.on("pageerror", (e) => console.log(`# page error: ${e.message}`));
-      await page.goto(`${it.url}/static/test/browser/page.html?wire=${process.env.P2P_WIRE_VERSION ?? 2}`);
+      await page.goto(`${it.url}/static/test/browser/page.html`);
       await page.waitForFunction(() => window.pageReady === true, { timeout: 30_000 });
     });
 
