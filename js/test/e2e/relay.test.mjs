@@ -240,3 +240,24 @@ test("bad input from JS: typed errors, and the Rust peer carries on", async () =
   const r = await it.cmd({ cmd: "ack", peer: "rbad", to: me.id, event: "nobody" });
   assert.equal(r.code, "NoHandler");
 });
+
+test("a broken connection resumes: same id, links carry on, nothing lost either way", async () => {
+  const rid = await it.rustPeer("rres", { rooms: ["resume"] });
+  const js = peer(it.url, { rooms: ["resume"] });
+  const me = await js.ready;
+  const got = [];
+  js.on("num", (n) => got.push(n));
+  const reconnected = new Promise((r) => js.once("reconnected", r));
+  for (let i = 0; i < 100; i++) js.to(rid).emit("num", i);
+  await new Promise((r) => setImmediate(r)); // the first 100 are on the wire
+  js.socket.io.engine.close(); // as if the network dropped: socket.io-client reconnects
+  for (let i = 100; i < 200; i++) js.to(rid).emit("num", i);
+  const sent = it.cmd({ cmd: "emit_n", peer: "rres", to: me.id, event: "num", n: 200 });
+  assert.deepEqual(await reconnected, { continued: true });
+  assert.equal(js.id, me.id);
+  await sent;
+  await until(() => got.length >= 200 && it.events("rres", "num").length >= 200, 20_000, "200 events each way");
+  assert.deepEqual(got, [...Array(200).keys()]);
+  assert.deepEqual(it.events("rres", "num").map((l) => l.data.json), [...Array(200).keys()]);
+  assert.equal(await js.to(rid).emitWithAck("echo", "after"), "after");
+});
