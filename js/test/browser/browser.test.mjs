@@ -179,6 +179,45 @@ for (const [name, launch] of Object.entries(browsers)) {
       assert.ok(me);
     });
 
+    test("a stream of 4 MiB each way with SHA-256, a service call each way, a topic", async () => {
+      const rid = await it.rustPeer("bs", { rooms: ["bstream"] });
+      const me = (await ev(() => mk("ps", { rooms: ["bstream"] }))).ok.id;
+      const len = 4 << 20;
+      const out = await ev(async (rid, len) => {
+        const s = await peers.ps.openStream(rid, `bytes:${len}`);
+        const data = pattern(len);
+        const w = s.writable.getWriter();
+        const writing = (async () => {
+          for (let off = 0; off < len; off += 65536) await w.write(data.subarray(off, off + 65536));
+          await w.close();
+        })();
+        const chunks = [];
+        let n = 0;
+        for await (const c of s.readable) { chunks.push(c); n += c.length; }
+        await writing;
+        const all = new Uint8Array(n);
+        let o = 0;
+        for (const c of chunks) { all.set(c, o); o += c.length; }
+        return { n, sha: await sha256(all) };
+      }, rid, len);
+      assert.deepEqual(out, { n: len, sha: sha256(pattern(len)) });
+      const r = await it.waitLine((l) => l.ev === "stream" && l.peer === "bs", 60_000);
+      assert.deepEqual([r.read, r.sha256], [len, sha256(pattern(len))]);
+      await it.cmd({ cmd: "provide", peer: "bs", service: `${name}-calc` });
+      assert.equal(await ev((svc) => peers.ps.service(svc).call("add", [2, 3]), `${name}-calc`), 5);
+      await ev((svc) => peers.ps.provide(svc, { mul: ([a, b]) => a * b }), `${name}-page`);
+      const c = await it.cmd({ cmd: "call", peer: "bs", service: `${name}-page`, method: "mul", args: [6, 7] });
+      assert.equal(c.ok, 42);
+      const pub = await ev(async (topic) => {
+        const sub = await peers.ps.subscribe(topic);
+        const n = await peers.ps.publish(topic, { hi: 1 });
+        const first = await sub.next();
+        await sub.unsubscribe();
+        return [n, first.value.data, first.value.from.id];
+      }, `${name}-news`);
+      assert.deepEqual(pub, [1, { hi: 1 }, me]);
+    });
+
     test("bad input from the page: typed errors; the Rust peer is unaffected", async () => {
       const rid = await it.rustPeer("bbad", { rooms: ["bad"] });
       const me = (await ev(() => mk("pbad", { rooms: ["bad"] }))).ok.id;
