@@ -4,7 +4,8 @@
 //! `{"ev":"listening","url":"http://127.0.0.1:PORT"}`, then reads commands as JSON lines on
 //! stdin and runs Rust `P2p` peers for them, reporting what happens as JSON lines on stdout.
 //! With `--static DIR` the server also serves the files of DIR under `/static/` (pages for
-//! browser tests).
+//! browser tests); with `--auth-token T` it refuses connections whose `auth` payload is not
+//! `{"token": T}` (reason `bad token`).
 //!
 //! ```text
 //! cargo run -p socketio-p2p-examples --example interop -- [--static DIR]
@@ -103,7 +104,7 @@ struct ServerTask {
 }
 
 impl ServerTask {
-    fn start(port: u16, static_dir: Option<PathBuf>) -> ServerTask {
+    fn start(port: u16, cfg: Config) -> ServerTask {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -112,7 +113,7 @@ impl ServerTask {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            let addr = rt.block_on(serve(port, static_dir));
+            let addr = rt.block_on(serve(port, cfg));
             let _ = addr_tx.send(addr);
             let _ = stop_rx.recv();
             rt.shutdown_background();
@@ -135,14 +136,31 @@ impl ServerTask {
     }
 }
 
-async fn serve(port: u16, static_dir: Option<PathBuf>) -> SocketAddr {
-    let signaling = P2pSignaling::new(SignalingOptions::default());
+/// What the server is started with.
+#[derive(Clone, Default)]
+struct Config {
+    static_dir: Option<PathBuf>,
+    auth_token: Option<String>,
+}
+
+async fn serve(port: u16, cfg: Config) -> SocketAddr {
+    let mut opts = SignalingOptions::default();
+    if let Some(token) = cfg.auth_token {
+        opts = opts.auth(move |auth| {
+            if auth.get("token").and_then(Value::as_str) == Some(token.as_str()) {
+                Ok(())
+            } else {
+                Err("bad token".into())
+            }
+        });
+    }
+    let signaling = P2pSignaling::new(opts);
     let (layer, io) = socketioxide::SocketIo::builder()
         .max_buffer_size(4096)
         .build_layer();
     signaling.attach(&io);
     let mut app = axum::Router::new();
-    if let Some(dir) = static_dir {
+    if let Some(dir) = cfg.static_dir {
         // Pages and scripts for browser tests, under /static/ (a catch-all fallback would
         // take the Engine.IO requests of rust_socketio clients away from the Socket.IO layer).
         let dir = Arc::new(dir);
@@ -360,6 +378,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             if let Some(u) = str_field(&cmd, "peer_uid") {
                 opts = opts.peer_uid(u);
             }
+            if let Some(auth) = cmd.get("auth") {
+                opts = opts.auth(auth.clone());
+            }
             if let Some(ms) = cmd.get("ack_timeout_ms").and_then(Value::as_u64) {
                 opts = opts.ack_timeout(Duration::from_millis(ms));
             }
@@ -568,12 +589,17 @@ async fn run(cmd: Value, peers: Peers, url: String) {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let static_dir = args
-        .iter()
-        .position(|a| a == "--static")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from);
-    let mut server = ServerTask::start(0, static_dir.clone());
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let cfg = Config {
+        static_dir: arg("--static").map(PathBuf::from),
+        auth_token: arg("--auth-token"),
+    };
+    let mut server = ServerTask::start(0, cfg.clone());
     let url = format!("http://{}", server.addr);
     out(json!({"ev": "listening", "url": url, "port": server.addr.port()}));
     let peers: Peers = Arc::default();
@@ -590,8 +616,8 @@ async fn main() {
                 server.kill();
                 let down = cmd.get("down_ms").and_then(Value::as_u64).unwrap_or(0);
                 tokio::time::sleep(Duration::from_millis(down)).await;
-                let dir = static_dir.clone();
-                server = tokio::task::spawn_blocking(move || ServerTask::start(port, dir))
+                let cfg = cfg.clone();
+                server = tokio::task::spawn_blocking(move || ServerTask::start(port, cfg))
                     .await
                     .expect("restart");
                 out(json!({"ev": "done", "id": cmd.get("id"), "restarted": true}));

@@ -223,12 +223,11 @@ export class Link {
   }
 
   /** The transport changed (or a resumed connection): resend everything unacknowledged. */
-  resend(now: number): void {
+  resend(): void {
     this.sentUpto = this.acked;
     this.rto = RTO_MIN;
     this.rtoAt = null;
     this.ackNow = this.consumed > 0;
-    void now;
   }
 
   /** Frames to send at `now`: acknowledgements, pongs, then Data frames within the window. */

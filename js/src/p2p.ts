@@ -202,6 +202,8 @@ export class P2P {
   private readonly streams: Streams;
   private readonly services = new Map<string, ServiceMethods>();
   private readonly subscriptions = new Map<string, Set<(p: Publication) => void>>();
+  /** Ends every subscription's iterator (on close). */
+  private readonly subscriptionStops = new Set<() => void>();
   private readonly pingWaiters = new Map<bigint, (from: string) => void>();
   private volatileOut: Uint8Array[] = [];
   private flushQueued = false;
@@ -231,7 +233,6 @@ export class P2P {
         requestTimeout: opts.requestTimeout ?? 10_000,
       },
       (peer, msg) => this.sendReliable(peer, msg),
-      () => this.scheduleFlush(),
     );
     this.ready = new Promise<ReadyInfo>((res, rej) => {
       this.resolveReady = res;
@@ -240,7 +241,7 @@ export class P2P {
     this.ready.catch(() => {});
     this.listeners = [
       ["connect", () => this.onConnect()],
-      ["disconnect", (reason: string) => this.onDisconnect(reason)],
+      ["disconnect", () => this.onDisconnect()],
       ["connect_error", (err: Error) => this.onConnectError(err)],
       ["p2p:res", (res: Response) => this.onResponse(res)],
       ["p2p:presence", (p: any) => this.onPresence(p)],
@@ -548,9 +549,16 @@ export class P2P {
     let set = this.subscriptions.get(topic);
     if (!set) this.subscriptions.set(topic, (set = new Set()));
     set.add(push);
+    const end = () => {
+      done = true;
+      if (wake) wake({ value: undefined, done: true });
+      wake = null;
+    };
+    this.subscriptionStops.add(end);
     const stop = async () => {
       if (done) return;
       done = true;
+      this.subscriptionStops.delete(end);
       set!.delete(push);
       if (wake) wake({ value: undefined, done: true });
       if (set!.size === 0) {
@@ -626,20 +634,19 @@ export class P2P {
     this.session.close();
     this.acks.fail(null, "Closed", "closed");
     this.streams.failAll("Closed");
-    for (const set of this.subscriptions.values()) for (const push of set) void push;
+    for (const stop of this.subscriptionStops) stop();
     if (!this.isReady) this.rejectReady(new P2PError("Closed", "closed before ready"));
     this.emitLocal("close", { reason: "closed" });
   }
 
   private onConnect(): void {
     if (this.closed) return;
-    const hello = this.session.connected(now());
+    const hello = this.session.connected();
     this.socket.emit("p2p:req", hello);
   }
 
-  private onDisconnect(reason: string): void {
+  private onDisconnect(): void {
     this.session.disconnected();
-    void reason;
   }
 
   private onConnectError(err: Error): void {
@@ -679,7 +686,7 @@ export class P2P {
     }
     if (!first) {
       for (const p of this.peersById.values()) {
-        if (w.continued) p.link.resend(t);
+        if (w.continued) p.link.resend();
         if (!listed.has(p.info.id)) p.confirmBy = t + (this.opts.pairTimeout ?? 10_000);
       }
       for (const name of this.services.keys()) void this.request("provide", { service: name }).catch(() => {});

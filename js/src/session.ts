@@ -78,14 +78,13 @@ export class Session {
   }
 
   /** A new connection is up: the `hello` to send first (with `resume` after the first Welcome). */
-  connected(now: number): Request {
+  connected(): Request {
     this.registered = false;
     this.helloRid = this.nextRid++;
     const hello: Request = { rid: this.helloRid, op: "hello", version: PROTOCOL_VERSION, frames: "binary" };
     if (this.uid !== null) hello.uid = this.uid;
     if (this.rooms.size) hello.rooms = [...this.rooms];
     if (this.id !== null && this.token !== null) hello.resume = { id: this.id, token: this.token };
-    void now;
     return hello;
   }
 

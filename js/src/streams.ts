@@ -60,7 +60,6 @@ export class Streams {
   constructor(
     opts: { window?: number; requestTimeout: number },
     private readonly send: (peer: string, msg: Msg) => void,
-    private readonly wake: () => void,
   ) {
     this.window = Math.max(opts.window ?? 1024 * 1024, FRAGMENT_SIZE);
     this.requestTimeout = opts.requestTimeout;
@@ -313,7 +312,6 @@ export class Streams {
         this.fail(s, new P2PError("Timeout", "timeout"));
       }
     }
-    this.wake;
   }
 
   nextTimeout(): number | null {

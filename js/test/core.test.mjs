@@ -25,7 +25,7 @@ test("acks: settle only from the peer asked, once; time out; fail by peer", () =
 
 test("session: hello, then queued requests, then resume after a reconnection", () => {
   const s = new Session({ uid: "alice", rooms: ["lobby"] });
-  const hello = s.connected(0);
+  const hello = s.connected();
   assert.deepEqual(hello, { rid: 1, op: "hello", version: PROTOCOL_VERSION, frames: "binary", uid: "alice", rooms: ["lobby"] });
   assert.equal(PROTOCOL_VERSION, 2);
   const got = [];
@@ -47,24 +47,24 @@ test("session: hello, then queued requests, then resume after a reconnection", (
   s.disconnected();
   assert.deepEqual(got.at(-1), ["err", "Disconnected"]);
   s.rooms.add("game");
-  const hello2 = s.connected(20);
+  const hello2 = s.connected();
   assert.deepEqual(hello2.resume, { id: "A1", token: "t1" });
   assert.deepEqual(hello2.rooms, ["lobby", "game"]);
   const out2 = s.response({ rid: hello2.rid, ok: { ...w, token: "t2", continued: true } }, 21);
   assert.equal(out2.first, false);
   assert.deepEqual(out2.send.map((r) => r.rid), [join.rid]);
   assert.ok(call.rid);
-  assert.deepEqual(s.connected(30).resume, { id: "A1", token: "t2" });
+  assert.deepEqual(s.connected().resume, { id: "A1", token: "t2" });
 });
 
 test("session: a refused hello, request timeouts, close", () => {
   const s = new Session({});
-  const hello = s.connected(0);
+  const hello = s.connected();
   assert.deepEqual(s.response({ rid: hello.rid, error: { code: "UidTaken", message: "x" } }, 1), {
     type: "refused", error: { code: "UidTaken", message: "x" }, first: true,
   });
   assert.equal(s.registered, false);
-  const h2 = s.connected(2);
+  const h2 = s.connected();
   s.response({ rid: h2.rid, ok: { id: "X", rooms: [], max_frame: 10, token: "t", continued: false } }, 3);
   const got = [];
   const h = { resolve: () => got.push("ok"), reject: (e) => got.push(e.code) };

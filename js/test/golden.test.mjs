@@ -65,9 +65,9 @@ test("Rust control messages: requests have the shape ours have, responses the fi
   const byName = Object.fromEntries(rust.control.map((c) => [c.name, c.json]));
   // Our hello after a reconnection (resume) is the Rust request plus the `frames` mode.
   const s = new Session({ uid: "alice", rooms: ["lobby"] });
-  s.connected(0);
+  s.connected();
   s.response({ rid: 1, ok: byName["response welcome"].ok }, 0);
-  const hello = s.connected(0);
+  const hello = s.connected();
   assert.deepEqual({ ...hello, rid: 1 }, byName["request hello with resume"]);
   s.response({ rid: hello.rid, ok: { ...byName["response welcome"].ok, continued: true } }, 0);
   const h = { resolve() {}, reject() {} };
@@ -115,9 +115,9 @@ function jsVectors() {
   ];
   ops.forEach((op, i) => add(`stream ${op.op}`, d(10 + i, { type: "stream", id: 1 + i * 100, opener: i % 2 === 0, op })));
   const s = new Session({ uid: "js", rooms: ["lobby", "game"] });
-  const requests = [{ name: "hello", json: s.connected(0) }];
+  const requests = [{ name: "hello", json: s.connected() }];
   s.response({ rid: 1, ok: { id: "J1", rooms: [], max_frame: 262144, token: "t.1", continued: false } }, 0);
-  requests.push({ name: "hello with resume", json: s.connected(0) });
+  requests.push({ name: "hello with resume", json: s.connected() });
   s.response({ rid: 2, ok: { id: "J1", rooms: [], max_frame: 262144, token: "t.2", continued: true } }, 0);
   const h = { resolve() {}, reject() {} };
   for (const [op, fields] of [

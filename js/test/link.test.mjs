@@ -124,7 +124,7 @@ test("Busy goes back to the seq it names", () => {
   assert.deepEqual(seqs(a.poll(1)), [4, 5, 6, 7, 8, 9, 10]);
   a.busy(20); // not sent: ignored
   assert.deepEqual(seqs(a.poll(2)), []);
-  a.resend(3);
+  a.resend();
   assert.equal(seqs(a.poll(3)).length, 10);
 });
 

@@ -261,3 +261,19 @@ test("a broken connection resumes: same id, links carry on, nothing lost either 
   assert.deepEqual(it.events("rres", "num").map((l) => l.data.json), [...Array(200).keys()]);
   assert.equal(await js.to(rid).emitWithAck("echo", "after"), "after");
 });
+
+test("the server's auth hook: Rejected with its reason; the right token gets in", async () => {
+  const guarded = await Interop.start(["--auth-token", "secret"]);
+  try {
+    const bad = jsPeer(guarded.url, { rooms: ["auth"] }, { auth: { token: "nope" } });
+    closers.push(bad);
+    await assert.rejects(bad.ready, (e) => e instanceof P2PError && e.code === "Rejected" && /bad token/.test(e.message));
+    const rid = await guarded.rustPeer("rauth", { rooms: ["auth"], auth: { token: "secret" } });
+    const good = jsPeer(guarded.url, { rooms: ["auth"] }, { auth: { token: "secret" } });
+    closers.push(good);
+    await good.ready;
+    assert.equal(await good.to(rid).emitWithAck("echo", "in"), "in");
+  } finally {
+    await guarded.stop();
+  }
+});
