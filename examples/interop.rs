@@ -5,7 +5,8 @@
 //! stdin and runs Rust `P2p` peers for them, reporting what happens as JSON lines on stdout.
 //! With `--static DIR` the server also serves the files of DIR under `/static/` (pages for
 //! browser tests); with `--auth-token T` it refuses connections whose `auth` payload is not
-//! `{"token": T}` (reason `bad token`).
+//! `{"token": T}` (reason `bad token`); `--buffer N` sets the per-socket buffer of the
+//! server (default 4096 packets; a small one makes the server answer `Busy`).
 //!
 //! ```text
 //! cargo run -p socketio-p2p-examples --example interop -- [--static DIR]
@@ -141,6 +142,7 @@ impl ServerTask {
 struct Config {
     static_dir: Option<PathBuf>,
     auth_token: Option<String>,
+    buffer: Option<usize>,
 }
 
 async fn serve(port: u16, cfg: Config) -> SocketAddr {
@@ -156,7 +158,7 @@ async fn serve(port: u16, cfg: Config) -> SocketAddr {
     }
     let signaling = P2pSignaling::new(opts);
     let (layer, io) = socketioxide::SocketIo::builder()
-        .max_buffer_size(4096)
+        .max_buffer_size(cfg.buffer.unwrap_or(4096))
         .build_layer();
     signaling.attach(&io);
     let mut app = axum::Router::new();
@@ -598,6 +600,7 @@ async fn main() {
     let cfg = Config {
         static_dir: arg("--static").map(PathBuf::from),
         auth_token: arg("--auth-token"),
+        buffer: arg("--buffer").and_then(|b| b.parse().ok()),
     };
     let mut server = ServerTask::start(0, cfg.clone());
     let url = format!("http://{}", server.addr);

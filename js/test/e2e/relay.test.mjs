@@ -277,3 +277,27 @@ test("the server's auth hook: Rejected with its reason; the right token gets in"
     await guarded.stop();
   }
 });
+
+test("Busy from a full server buffer: the link goes back and everything arrives in order", async () => {
+  const tight = await Interop.start(["--buffer", "4"]);
+  try {
+    const rid = await tight.rustPeer("rbusy", { rooms: ["busy"] });
+    const js = jsPeer(tight.url, { rooms: ["busy"] });
+    closers.push(js);
+    await js.ready;
+    let busy = 0;
+    js.socket.on("p2p:error", (e) => { if (e.code === "Busy") busy++; });
+    const N = 3000;
+    const blob = pattern(256 * 1024);
+    for (let i = 0; i < N; i++) {
+      js.to(rid).emit("num", i);
+      if (i % 1000 === 0) js.to(rid).emit("bin", blob);
+    }
+    await until(() => tight.events("rbusy", "num").length >= N && tight.events("rbusy", "bin").length >= 3, 60_000, "all events");
+    assert.deepEqual(tight.events("rbusy", "num").map((l) => l.data.json), [...Array(N).keys()]);
+    assert.ok(tight.events("rbusy", "bin").every((l) => l.data.sha256 === sha256(blob)));
+    console.log(`# ${busy} Busy errors on the way`);
+  } finally {
+    await tight.stop();
+  }
+});
