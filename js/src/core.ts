@@ -7,3 +7,5 @@ export type { AckResult } from "./acks.js";
 export { Session, PROTOCOL_VERSION, REQUEST_TIMEOUT } from "./session.js";
 export type { Request, Response, HelloOutcome } from "./session.js";
 export { toWire, fromWire } from "./payload.js";
+export { Streams } from "./streams.js";
+export type { P2PStream, IncomingStream } from "./streams.js";

@@ -301,3 +301,33 @@ test("Busy from a full server buffer: the link goes back and everything arrives 
     await tight.stop();
   }
 });
+
+test("back after the grace period: not continued, peers met anew, fresh links", async () => {
+  const rid = await it.rustPeer("rgrace", { rooms: ["grace"] });
+  const js = peer(it.url, { rooms: ["grace"] }, { reconnectionDelay: 6500, reconnectionDelayMax: 6500, randomizationFactor: 0 });
+  const me = await js.ready;
+  assert.equal(await js.to(rid).emitWithAck("echo", 1), 1);
+  const got = [];
+  js.on("num", (n) => got.push(n));
+  const reconnected = new Promise((r) => js.once("reconnected", r));
+  js.socket.io.engine.close();
+  await it.waitLine((l) => l.ev === "presence" && l.peer === "rgrace" && l.type === "disconnected" && l.who.id === me.id, 10_000);
+  assert.deepEqual(await reconnected, { continued: false });
+  await it.waitLine((l) => l.ev === "presence" && l.peer === "rgrace" && l.type === "joined" && l.who.id === js.id);
+  assert.deepEqual(js.peers().map((p) => p.id), [rid]);
+  await it.cmd({ cmd: "emit_n", peer: "rgrace", to: js.id, event: "num", n: 50 });
+  await until(() => got.length === 50);
+  assert.deepEqual(got, [...Array(50).keys()]);
+  assert.equal(await js.to(rid).emitWithAck("echo", "anew"), "anew");
+});
+
+test("a message over maxMessageSize is refused with PayloadTooLarge, both ways", async () => {
+  const rid = await it.rustPeer("rmax", { rooms: ["max"] });
+  const js = peer(it.url, { rooms: ["max"], maxMessageSize: 100_000 });
+  const me = await js.ready;
+  js.on("echo", (d, m, reply) => reply(d));
+  const r = await it.cmd({ cmd: "ack", peer: "rmax", to: me.id, event: "echo", bin: 200_000 });
+  assert.equal(r.code, "PayloadTooLarge");
+  assert.throws(() => js.to(rid).emit("bin", new Uint8Array(100_001)), (e) => e.code === "PayloadTooLarge");
+  assert.equal((await it.cmd({ cmd: "ack", peer: "rmax", to: me.id, event: "echo", bin: 100_000 })).ok.bin, 100_000);
+});
