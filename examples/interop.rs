@@ -94,7 +94,7 @@ fn info_json(p: &socketio_p2p::PeerInfo) -> Value {
 }
 
 const DEFAULT_HANDLED: &[&str] = &[
-    "hi", "num", "bin", "echo", "add", "fail", "silent", "hold", "msg", "big", "bad",
+    "hi", "num", "bin", "echo", "add", "fail", "silent", "hold", "msg", "big", "bad", "peer-msg",
 ];
 
 /// A server in its own runtime, so that a restart kills every connection at once.

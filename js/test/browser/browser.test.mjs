@@ -242,3 +242,39 @@ for (const [name, launch] of Object.entries(browsers)) {
     });
   });
 }
+
+describe("the chat page with a Rust chat peer", { timeout: 120_000 }, () => {
+  let it, browser, dir;
+  before(async () => {
+    const { mkdtempSync, copyFileSync } = await import("node:fs");
+    const { tmpdir } = await import("node:os");
+    dir = mkdtempSync(path.join(tmpdir(), "p2p-chat-"));
+    copyFileSync(path.join(jsRoot, "examples/chat.html"), path.join(dir, "index.html"));
+    copyFileSync(path.join(jsRoot, "dist/socketio-p2p.browser.js"), path.join(dir, "socketio-p2p.browser.js"));
+    it = await Interop.start(["--static", dir]);
+    browser = await puppeteer.launch(browsers.chromium);
+  });
+  after(async () => {
+    await browser?.close().catch(() => {});
+    await it?.stop();
+    const { rmSync } = await import("node:fs");
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("lines go both ways, each saying who sent it and over which transport", async () => {
+    const rid = await it.rustPeer("alice", { rooms: ["chat"], uid: "alice" });
+    const page = await browser.newPage();
+    await page.goto(`${it.url}/static/index.html?name=web`);
+    await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("you are web"), { timeout: 20_000 });
+    await page.type("#line", "hello from the page");
+    await page.keyboard.press("Enter");
+    const got = await it.waitLine((l) => l.ev === "event" && l.peer === "alice" && l.name === "peer-msg");
+    assert.deepEqual(got.data, { json: "hello from the page" });
+    await it.cmd({ cmd: "emit", peer: "alice", event: "peer-msg", data: "hi web" });
+    await page.waitForFunction(() => document.getElementById("log").textContent.includes("alice (relay): hi web"), { timeout: 20_000 });
+    const log = await page.$eval("#log", (el) => [...el.children].map((li) => li.textContent));
+    assert.ok(log.includes("web (me): hello from the page"), JSON.stringify(log));
+    assert.ok(log.includes("alice (relay): hi web"), JSON.stringify(log));
+    assert.ok(rid);
+  });
+});
