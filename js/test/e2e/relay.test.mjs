@@ -331,3 +331,27 @@ test("a message over maxMessageSize is refused with PayloadTooLarge, both ways",
   assert.throws(() => js.to(rid).emit("bin", new Uint8Array(100_001)), (e) => e.code === "PayloadTooLarge");
   assert.equal((await it.cmd({ cmd: "ack", peer: "rmax", to: me.id, event: "echo", bin: 100_000 })).ok.bin, 100_000);
 });
+
+test("leaving the only shared room forgets the peer; meeting again starts fresh links", async () => {
+  const rid = await it.rustPeer("rleave", { rooms: ["only"] });
+  const js = peer(it.url, { rooms: ["mine"] });
+  const me = await js.ready;
+  const got = [];
+  js.on("num", (n) => got.push(n));
+  let mark = -1; // presence lines before this index belong to earlier rounds
+  for (let round = 0; round < 3; round++) {
+    await js.join("only");
+    assert.deepEqual(js.peers().map((p) => p.id), [rid]);
+    await it.waitLine((l) => l.ev === "presence" && l.peer === "rleave" && l.type === "joined" && l.who.id === me.id && it.lines.indexOf(l) > mark);
+    for (let i = 0; i < 20; i++) js.to(rid).emit("num", round * 100 + i);
+    await it.cmd({ cmd: "emit_n", peer: "rleave", to: me.id, event: "num", n: 20 });
+    await until(() => got.length === (round + 1) * 20 && it.events("rleave", "num").length === (round + 1) * 20, 10_000, `round ${round}`);
+    assert.equal(await js.to(rid).emitWithAck("echo", round), round);
+    mark = it.lines.length - 1;
+    await js.leave("only");
+    assert.deepEqual(js.peers(), []);
+    await it.waitLine((l) => l.ev === "presence" && l.peer === "rleave" && l.type === "left" && l.who.id === me.id && it.lines.indexOf(l) > mark);
+  }
+  assert.deepEqual(got, [0, 1, 2].flatMap(() => [...Array(20).keys()]));
+  assert.deepEqual(it.events("rleave", "num").map((l) => l.data.json), [0, 1, 2].flatMap((r) => [...Array(20).keys()].map((i) => r * 100 + i)));
+});
