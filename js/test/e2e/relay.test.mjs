@@ -37,6 +37,10 @@ test("events both ways, with sender and transport", async () => {
   assert.equal(meta.from, rid);
   assert.equal(meta.transport, "relay");
   assert.equal(meta.event, "hi");
+  // Volatile: best effort, but on an idle loopback it arrives.
+  js.volatile.to(rid).emit("msg", { v: true });
+  const vol = await it.waitLine((l) => l.ev === "event" && l.peer === "r1" && l.name === "msg");
+  assert.deepEqual([vol.from, vol.data, vol.wants_reply], [me.id, { json: { v: true } }, false]);
 });
 
 test("10,000 numbered events each way, complete and in order", async () => {
