@@ -359,3 +359,34 @@ test("leaving the only shared room forgets the peer; meeting again starts fresh 
   assert.deepEqual(got, [0, 1, 2].flatMap(() => [...Array(20).keys()]));
   assert.deepEqual(it.events("rleave", "num").map((l) => l.data.json), [0, 1, 2].flatMap((r) => [...Array(20).keys()].map((i) => r * 100 + i)));
 });
+
+test("from(id).on, once, off, onAny, offAny", async () => {
+  const rid = await it.rustPeer("rh", { rooms: ["handlers"] });
+  const a = peer(it.url, { rooms: ["handlers"] });
+  const b = peer(it.url, { rooms: ["handlers"] });
+  const [ia, ib] = [await a.ready, await b.ready];
+  await until(() => a.peers().length === 2);
+  const log = [];
+  a.from(rid).on("msg", (d) => log.push(["from rust", d]));
+  a.from(ib.id).on("msg", (d) => log.push(["from b", d]));
+  a.once("msg", (d) => log.push(["once", d]));
+  const any = (ev, d, m) => log.push(["any", ev, d, m.from === rid ? "rust" : "b"]);
+  a.onAny(any);
+  await it.cmd({ cmd: "emit", peer: "rh", to: ia.id, event: "msg", data: 1 });
+  await until(() => log.length === 3);
+  b.to(ia.id).emit("msg", 2);
+  await until(() => log.length === 5);
+  assert.deepEqual(log, [["from rust", 1], ["once", 1], ["any", "msg", 1, "rust"], ["from b", 2], ["any", "msg", 2, "b"]]);
+  a.offAny(any);
+  a.from(ib.id).off("msg");
+  b.to(ia.id).emit("msg", 3);
+  await it.cmd({ cmd: "emit", peer: "rh", to: ia.id, event: "msg", data: 4 });
+  await until(() => log.length === 6);
+  // A round trip from b too, so that a stray "from b" handler would have fired by now.
+  assert.equal(await b.to(rid).emitWithAck("echo", 0), 0);
+  assert.deepEqual(log.slice(5), [["from rust", 4]]);
+  a.off("msg"); // leaves the from(..) handlers
+  await it.cmd({ cmd: "emit", peer: "rh", to: ia.id, event: "msg", data: 5 });
+  await until(() => log.length === 7);
+  assert.deepEqual(log[6], ["from rust", 5]);
+});
