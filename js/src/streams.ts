@@ -45,7 +45,12 @@ interface State {
   credit: number;
   finOut: boolean;
   creditWake: (() => void) | null;
+  /** Why the stream failed (also set, with `readDone`, after a late reset once everything was read). */
   error: P2PError | null;
+  /** The peer's Fin arrived before the stream failed: reading finishes normally. */
+  readDone: boolean;
+  /** Our Fin went out before the stream failed: writing had finished. */
+  writeDone: boolean;
   opened?: { resolve: (s: P2PStream) => void; reject: (e: P2PError) => void };
   stream?: P2PStream;
 }
@@ -77,7 +82,7 @@ export class Streams {
     const s: State = {
       peer, id, mine, name, phase,
       granted: 0, received: 0, unreported: 0, chunks: [], finIn: false, pullWake: null,
-      credit: 0, finOut: false, creditWake: null, error: null,
+      credit: 0, finOut: false, creditWake: null, error: null, readDone: false, writeDone: false,
     };
     this.table.set(this.key(peer, mine, id), s);
     return s;
@@ -190,7 +195,7 @@ export class Streams {
       {
         pull: async (controller) => {
           for (;;) {
-            if (s.error) throw s.error;
+            if (s.error && !s.readDone) throw s.error;
             const c = s.chunks.shift();
             if (c) {
               controller.enqueue(c);
@@ -233,7 +238,7 @@ export class Streams {
         }
       },
       close: () => {
-        if (s.error) throw s.error;
+        if (s.error && !s.writeDone) throw s.error;
         s.finOut = true;
         this.msg(s, { op: "fin" });
         this.maybeDone(s);
@@ -281,6 +286,10 @@ export class Streams {
     this.table.delete(this.key(s.peer, s.mine, s.id));
     s.phase = "done";
     s.error = e;
+    // A reset after the peer's Fin (a Credit of ours may cross its Fin and find the stream
+    // gone: "UnknownStream") does not take back what was received, nor what was sent.
+    s.readDone = s.finIn;
+    s.writeDone = s.finOut;
     this.wakeReader(s);
     this.wakeWriter(s);
   }

@@ -107,6 +107,17 @@ export class Interop {
     return r.peer_id;
   }
 
+  /** Waits until the Rust peer `name` lists every id of `ids` among its peers. */
+  async rustSees(name, ids, ms = 10_000) {
+    const end = Date.now() + ms;
+    for (;;) {
+      const r = await this.cmd({ cmd: "peers", peer: name });
+      if (ids.every((id) => r.peers?.some((p) => p.id === id))) return;
+      if (Date.now() > end) throw new Error(`rust peer ${name} does not see ${ids.join(", ")}`);
+      await new Promise((res) => setTimeout(res, 10));
+    }
+  }
+
   events(peer, name) {
     return this.lines.filter((l) => l.ev === "event" && l.peer === peer && (!name || l.name === name));
   }

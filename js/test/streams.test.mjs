@@ -92,3 +92,23 @@ test("an open without an answer times out with Reset Timeout", async () => {
   await assert.rejects(opening, (e) => e.code === "Timeout");
   assert.deepEqual(p.wires.b.at(-1).op, { op: "reset", code: "Timeout", message: "no answer to the stream request" });
 });
+
+test("a reset that crosses the peer's Fin does not take back what was received", async () => {
+  const p = pair(65536);
+  let inc;
+  p.b.onIncoming = (i) => (inc = i);
+  const opening = p.a.open("B", "late", 0);
+  await p.deliver(() => inc);
+  inc.accept();
+  await p.deliver(() => !p.wires.a.length);
+  const s = await opening;
+  // The peer sends data and its Fin, then (our Credit having crossed its Fin) a Reset.
+  p.a.handle("B", { type: "stream", id: 1, opener: false, op: { op: "data", data: new Uint8Array([1, 2, 3]) } }, 0);
+  p.a.handle("B", { type: "stream", id: 1, opener: false, op: { op: "fin" } }, 0);
+  p.a.handle("B", { type: "stream", id: 1, opener: false, op: { op: "reset", code: "UnknownStream", message: "no such stream" } }, 0);
+  const got = [];
+  for await (const c of s.readable) got.push(...c);
+  assert.deepEqual(got, [1, 2, 3]);
+  // Our side had not finished writing: that fails.
+  await assert.rejects(s.writable.getWriter().write(new Uint8Array(1)), (e) => e.code === "UnknownStream");
+});

@@ -60,6 +60,7 @@ for (const [name, launch] of Object.entries(browsers)) {
       const rid = await it.rustPeer("b1", { rooms: ["both"] });
       const r = await ev(() => mk("p1", { rooms: ["both"] }));
       const me = r.ok.id;
+      await it.rustSees("b1", [me]);
       assert.deepEqual(await ev(() => peers.p1.peers()), [{ id: rid }]);
       await ev(() => peers.p1.emit("hi", { x: 1, s: "é" }));
       const got = await it.waitLine((l) => l.ev === "event" && l.peer === "b1" && l.name === "hi");
@@ -74,6 +75,7 @@ for (const [name, launch] of Object.entries(browsers)) {
     test("10,000 numbered events each way, complete and in order", async () => {
       const rid = await it.rustPeer("b10k", { rooms: ["tenk"] });
       const me = (await ev(() => mk("p10k", { rooms: ["tenk"] }))).ok.id;
+      await it.rustSees("b10k", [me]);
       const N = 10_000;
       const t0 = Date.now();
       await ev((rid, N) => { for (let i = 0; i < N; i++) peers.p10k.to(rid).emit("num", i); }, rid, N);
@@ -92,6 +94,7 @@ for (const [name, launch] of Object.entries(browsers)) {
       const a = (await ev(() => mk("ta", { rooms: ["target"] }))).ok.id;
       const b = (await ev(() => mk("tb", { rooms: ["target"] }))).ok.id;
       await pageUntil(() => peers.ta.peers().length === 2 && peers.tb.peers().length === 2);
+      await it.rustSees("bt", [a, b]);
       await it.cmd({ cmd: "emit", peer: "bt", to: a, event: "msg", data: "for a" });
       await ev((b, rid) => { peers.ta.to(b).emit("msg", "a to b"); peers.ta.to(rid).emit("msg", "a to rust"); }, b, rid);
       await it.waitLine((l) => l.ev === "event" && l.peer === "bt" && l.name === "msg");
@@ -107,6 +110,7 @@ for (const [name, launch] of Object.entries(browsers)) {
     test("acks both ways with reply values and NoHandler", async () => {
       const rid = await it.rustPeer("ba", { rooms: ["acks"] });
       const me = (await ev(() => mk("pa", { rooms: ["acks"] }, {}, false))).ok.id;
+      await it.rustSees("ba", [me]);
       const res = await ev(async (rid) => {
         const p = peers.pa;
         const out = {};
@@ -132,6 +136,7 @@ for (const [name, launch] of Object.entries(browsers)) {
     test("1 MiB binary each way, byte-exact", async () => {
       const rid = await it.rustPeer("bb", { rooms: ["bin"] });
       const me = (await ev(() => mk("pb", { rooms: ["bin"] }))).ok.id;
+      await it.rustSees("bb", [me]);
       const MiB = 1 << 20;
       await ev((rid, n) => {
         peers.pb.to(rid).emit("bin", pattern(n).buffer);
@@ -182,6 +187,7 @@ for (const [name, launch] of Object.entries(browsers)) {
     test("a stream of 4 MiB each way with SHA-256, a service call each way, a topic", async () => {
       const rid = await it.rustPeer("bs", { rooms: ["bstream"] });
       const me = (await ev(() => mk("ps", { rooms: ["bstream"] }))).ok.id;
+      await it.rustSees("bs", [me]);
       const len = 4 << 20;
       const out = await ev(async (rid, len) => {
         const s = await peers.ps.openStream(rid, `bytes:${len}`);
@@ -221,6 +227,7 @@ for (const [name, launch] of Object.entries(browsers)) {
     test("bad input from the page: typed errors; the Rust peer is unaffected", async () => {
       const rid = await it.rustPeer("bbad", { rooms: ["bad"] });
       const me = (await ev(() => mk("pbad", { rooms: ["bad"] }))).ok.id;
+      await it.rustSees("bbad", [me]);
       const codes = await ev(async (rid) => {
         const p = peers.pbad;
         const raw = p.socket;
@@ -266,6 +273,8 @@ describe("the chat page with a Rust chat peer", { timeout: 120_000 }, () => {
     const page = await browser.newPage();
     await page.goto(`${it.url}/static/index.html?name=web`);
     await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("you are web"), { timeout: 20_000 });
+    const pageId = await page.$eval("#status", (el) => el.textContent.match(/\((.+?)\)/)[1]);
+    await it.rustSees("alice", [pageId]);
     await page.type("#line", "hello from the page");
     await page.keyboard.press("Enter");
     const got = await it.waitLine((l) => l.ev === "event" && l.peer === "alice" && l.name === "peer-msg");

@@ -47,6 +47,7 @@ test("10,000 numbered events each way, complete and in order", async () => {
   const rid = await it.rustPeer("r10k", { rooms: ["tenk"] });
   const js = peer(it.url, { rooms: ["tenk"] });
   const me = await js.ready;
+  await it.rustSees("r10k", [me.id]);
   const N = 10_000;
   const got = [];
   js.on("num", (n) => got.push(n));
@@ -69,6 +70,7 @@ test("targeted send reaches only its target", async () => {
   const b = peer(it.url, { rooms: ["target"] });
   const [ia, ib] = [await a.ready, await b.ready];
   await until(() => a.peers().length === 2 && b.peers().length === 2, 5000, "peers");
+  await it.rustSees("rt", [ia.id, ib.id]);
   const gotA = [], gotB = [];
   a.on("msg", (d, m) => gotA.push([d, m.from]));
   b.on("msg", (d, m) => gotB.push([d, m.from]));
@@ -89,6 +91,7 @@ test("acks both ways: reply values, errors, NoHandler, timeouts", async () => {
   const rid = await it.rustPeer("ra", { rooms: ["acks"] });
   const js = peer(it.url, { rooms: ["acks"], ackTimeout: 5000 });
   const me = await js.ready;
+  await it.rustSees("ra", [me.id]);
   // JS asks Rust.
   assert.deepEqual(await js.to(rid).emitWithAck("echo", { a: [1, 2] }), { a: [1, 2] });
   assert.equal(await js.to(rid).emitWithAck("add", [2, 3]), 5);
@@ -122,6 +125,7 @@ test("1 MiB binary each way, byte-exact", async () => {
   const rid = await it.rustPeer("rb", { rooms: ["bin"] });
   const js = peer(it.url, { rooms: ["bin"] });
   const me = await js.ready;
+  await it.rustSees("rb", [me.id]);
   const MiB = 1 << 20;
   const data = pattern(MiB);
   js.to(rid).emit("bin", data.buffer);
@@ -249,6 +253,7 @@ test("a broken connection resumes: same id, links carry on, nothing lost either 
   const rid = await it.rustPeer("rres", { rooms: ["resume"] });
   const js = peer(it.url, { rooms: ["resume"] });
   const me = await js.ready;
+  await it.rustSees("rres", [me.id]);
   const got = [];
   js.on("num", (n) => got.push(n));
   const reconnected = new Promise((r) => js.once("reconnected", r));
@@ -310,6 +315,7 @@ test("back after the grace period: not continued, peers met anew, fresh links", 
   const rid = await it.rustPeer("rgrace", { rooms: ["grace"] });
   const js = peer(it.url, { rooms: ["grace"] }, { reconnectionDelay: 6500, reconnectionDelayMax: 6500, randomizationFactor: 0 });
   const me = await js.ready;
+  await it.rustSees("rgrace", [me.id]);
   assert.equal(await js.to(rid).emitWithAck("echo", 1), 1);
   const got = [];
   js.on("num", (n) => got.push(n));
@@ -329,6 +335,7 @@ test("a message over maxMessageSize is refused with PayloadTooLarge, both ways",
   const rid = await it.rustPeer("rmax", { rooms: ["max"] });
   const js = peer(it.url, { rooms: ["max"], maxMessageSize: 100_000 });
   const me = await js.ready;
+  await it.rustSees("rmax", [me.id]);
   js.on("echo", (d, m, reply) => reply(d));
   const r = await it.cmd({ cmd: "ack", peer: "rmax", to: me.id, event: "echo", bin: 200_000 });
   assert.equal(r.code, "PayloadTooLarge");
@@ -366,6 +373,7 @@ test("from(id).on, once, off, onAny, offAny", async () => {
   const b = peer(it.url, { rooms: ["handlers"] });
   const [ia, ib] = [await a.ready, await b.ready];
   await until(() => a.peers().length === 2);
+  await it.rustSees("rh", [ia.id, ib.id]);
   const log = [];
   a.from(rid).on("msg", (d) => log.push(["from rust", d]));
   a.from(ib.id).on("msg", (d) => log.push(["from b", d]));

@@ -65,6 +65,7 @@ test("a stream of 16 MiB each way, Rust opens; refusal", async () => {
   await it.rustPeer("rs2", { rooms: ["streams2"] });
   const js = peer(it.url, { rooms: ["streams2"] });
   const me = await js.ready;
+  await it.rustSees("rs2", [me.id]);
   const done = [];
   js.onStream((incoming) => {
     if (incoming.name === "no-thanks") return incoming.refuse("not today");
