@@ -61,6 +61,11 @@ export class Streams {
   private readonly requestTimeout: number;
   private nextId = 1;
   private readonly table = new Map<string, State>();
+  /**
+   * Streams that ended here lately: a Credit the peer sent before it saw our Fin may still
+   * come; it is dropped instead of being answered with a Reset.
+   */
+  private readonly ended = new Set<string>();
 
   constructor(
     opts: { window?: number; requestTimeout: number },
@@ -110,6 +115,7 @@ export class Streams {
     const s = this.table.get(this.key(peer, mine, m.id));
     const op = m.op;
     if (!s) {
+      if (this.ended.has(this.key(peer, mine, m.id))) return;
       if (op.op === "open" && !mine) return this.incoming(peer, m.id, op.name);
       if (op.op !== "reset" && op.op !== "refuse") {
         this.send(peer, { type: "stream", id: m.id, opener: !m.opener, op: { op: "reset", code: "UnknownStream", message: "no such stream" } });
@@ -149,7 +155,7 @@ export class Streams {
         this.maybeDone(s);
         return;
       case "reset":
-        this.table.delete(this.key(s.peer, s.mine, s.id));
+        this.remove(s);
         if (s.phase === "opening") s.opened?.reject(new P2PError(op.code, op.message));
         this.fail(s, new P2PError(op.code, op.message || "stream reset"));
         return;
@@ -184,7 +190,7 @@ export class Streams {
         if (decided) return;
         decided = true;
         if (s.phase !== "waiting") return;
-        this.table.delete(this.key(s.peer, s.mine, s.id));
+        this.remove(s);
         this.msg(s, { op: "refuse", code: "Refused", message: reason });
       },
     });
@@ -266,8 +272,15 @@ export class Streams {
   private maybeDone(s: State): void {
     if (s.finIn && s.finOut && s.chunks.length === 0) {
       s.phase = "done";
-      this.table.delete(this.key(s.peer, s.mine, s.id));
+      this.remove(s);
     }
+  }
+
+  private remove(s: State): void {
+    const key = this.key(s.peer, s.mine, s.id);
+    this.table.delete(key);
+    this.ended.add(key);
+    if (this.ended.size > 1024) this.ended.delete(this.ended.values().next().value!);
   }
 
   private wakeReader(s: State): void {
@@ -283,7 +296,7 @@ export class Streams {
   }
 
   private fail(s: State, e: P2PError): void {
-    this.table.delete(this.key(s.peer, s.mine, s.id));
+    this.remove(s);
     s.phase = "done";
     s.error = e;
     // A reset after the peer's Fin (a Credit of ours may cross its Fin and find the stream
