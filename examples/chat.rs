@@ -9,6 +9,9 @@
 //! Type a line to send it to everyone in the room; `/private` makes everyone upgrade to
 //! WebRTC data channels; `/peers` lists peers and transports; `/quit` leaves. WebRTC uses
 //! loopback candidates only unless you pass `--stun stun:host:port` after the name.
+//!
+//! `serve` also serves a chat page at `/` for browsers (it needs the JavaScript bundle:
+//! `(cd js && npm ci && npm run build)`), whose people chat with the `join` peers.
 use std::time::Duration;
 
 use socketio_p2p::{IceServer, P2p, P2pOptions, PeerEvent};
@@ -52,8 +55,35 @@ async fn serve(addr: &str) -> Result<(), BoxError> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, axum::Router::new().layer(layer)).await?;
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(page))
+        .route("/socketio-p2p.browser.js", axum::routing::get(bundle))
+        .layer(layer);
+    axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// The browser chat page (`js/examples/chat.html`).
+async fn page() -> axum::response::Response {
+    js_file("examples/chat.html", "text/html; charset=utf-8").await
+}
+
+/// The JavaScript client's single-file bundle, built by `npm run build` in `js/`.
+async fn bundle() -> axum::response::Response {
+    js_file("dist/socketio-p2p.browser.js", "text/javascript").await
+}
+
+async fn js_file(path: &str, content_type: &'static str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let full = format!("{}/../js/{path}", env!("CARGO_MANIFEST_DIR"));
+    match tokio::fs::read(&full).await {
+        Ok(body) => ([("content-type", content_type)], body).into_response(),
+        Err(_) => (
+            axum::http::StatusCode::NOT_FOUND,
+            format!("{full} is missing: build the JavaScript client with (cd js && npm ci && npm run build)"),
+        )
+            .into_response(),
+    }
 }
 
 async fn join(url: &str, name: &str, stun: Option<String>) -> Result<(), BoxError> {
