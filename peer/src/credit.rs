@@ -102,6 +102,18 @@ impl Credits {
         }
     }
 
+    /// Fails like `acquire` for a peer this `P2p` cannot reach (volatile sends take no credit).
+    pub(crate) fn check(&self, target: Option<&str>) -> Result<()> {
+        let t = self.read();
+        if t.closed {
+            return Err(Error::Closed);
+        }
+        match target {
+            Some(id) if !t.peers.contains_key(id) => Err(Error::PeerOffline(id.to_owned())),
+            _ => Ok(()),
+        }
+    }
+
     /// Gives back the credit the actor did not use (the target was gone).
     pub(crate) fn refund(&self, peer: &str, frames: usize) {
         self.release(peer, frames);

@@ -252,6 +252,7 @@ impl P2p {
                     max: link::CHUNK,
                 });
             }
+            self.inner.credits.check(target.as_deref())?;
             return self.send(Cmd::Volatile {
                 target,
                 event: event.to_owned(),

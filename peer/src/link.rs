@@ -625,6 +625,31 @@ mod tests {
     }
 
     #[test]
+    fn acks_release_only_counted_frames() {
+        let t0 = Instant::now();
+        let mut a = Link::new("b", 64, 1 << 20, t0);
+        let big = Msg::Event {
+            event: "f".into(),
+            ack_id: None,
+            payload: WirePayload::Binary(Bytes::from(vec![1u8; CHUNK * 2 + 1])),
+        };
+        assert_eq!(
+            frames_of(&WirePayload::Binary(Bytes::from(vec![0u8; CHUNK * 2 + 1]))),
+            3
+        );
+        a.push(big, true).ok(); // seqs 1..=3, counted
+        a.push(ev(1), false).ok(); // seq 4, a reply or stream message: not counted
+        a.push(ev(2), true).ok(); // seq 5
+        let mut out = Vec::new();
+        a.poll_transmit(&mut out);
+        assert_eq!(out.len(), 5);
+        assert_eq!(a.on_ack(2, false, t0), 2);
+        assert_eq!(a.on_ack(2, false, t0), 0, "a repeated ack releases nothing");
+        assert_eq!(a.on_ack(5, false, t0), 2);
+        assert_eq!(a.backlog(), 0);
+    }
+
+    #[test]
     fn window_limits_in_flight_and_transport_change_resends() {
         let t0 = Instant::now();
         let mut a = Link::new("b", 4, 1 << 20, t0);
