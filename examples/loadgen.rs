@@ -802,9 +802,9 @@ fn ping_frame(to: &str, nonce: u64) -> Res<Vec<u8>> {
 
 async fn cluster() -> Res<Outcome> {
     const N: usize = 2000;
-    const PAIRS: usize = 50;
+    const PAIRS: usize = 20;
     const FRAMES: usize = 4000;
-    const WINDOW: usize = 200;
+    const WINDOW: usize = 20;
     let redis = Redis::start().await?;
     let prefix = format!("loadgen-{}", std::process::id());
     let args = ["--redis", redis.1.as_str(), "--prefix", prefix.as_str()];
@@ -886,8 +886,14 @@ async fn cluster() -> Res<Outcome> {
                     s.emit("p2p:f", &json!(batch_to_base64(&one.take())));
                 }
                 while got < want {
+                    while let Ok(ev) = srx.try_recv() {
+                        if ev.event == "p2p:error" {
+                            return Err(format!("relay refused: {}", ev.data).into());
+                        }
+                    }
                     let ev = tokio::time::timeout(Duration::from_secs(10), rrx.recv())
-                        .await?
+                        .await
+                        .map_err(|_| format!("{got} of {want} frames came"))?
                         .ok_or("closed")?;
                     if ev.event == "p2p:f" {
                         let text = ev.data.as_str().ok_or("p2p:f not text")?;
