@@ -79,6 +79,15 @@ const TARGETS: &[(&str, &str, Goal)] = &[
     ("dc_throughput", "ratio", Goal::AtLeast(0.9)),
     ("dc_throughput", "mb_per_s", Goal::AtLeast(50.0)),
     ("server_memory", "kib_per_peer", Goal::AtMost(64.0)),
+    ("server_scale", "kib_per_peer", Goal::AtMost(32.0)),
+    ("server_scale", "ratio", Goal::AtMost(1.5)),
+    ("server_scale", "hellos_per_s", Goal::AtLeast(2000.0)),
+    ("server_scale", "rss_after_leave_ratio", Goal::AtMost(1.1)),
+    ("signaling_rate", "upgrades_per_s", Goal::AtLeast(500.0)),
+    ("signaling_rate", "p99_signal_ms", Goal::AtMost(10.0)),
+    ("presence_storm", "complete_s", Goal::AtMost(2.0)),
+    ("presence_storm", "peak_rss_ratio", Goal::AtMost(2.0)),
+    ("cluster", "cluster_hellos_per_s", Goal::AtLeast(1000.0)),
 ];
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -774,6 +783,36 @@ async fn server_memory(set: Settings) -> Res<Outcome> {
     })
 }
 
+/// A scenario of the `loadgen` example (built beside this one), which runs its servers as
+/// child processes of its own.
+async fn loadgen(name: &'static str) -> Res<Outcome> {
+    let exe = std::env::current_exe()?.with_file_name("loadgen");
+    let out = tokio::process::Command::new(&exe)
+        .args(["--json", "--only", name])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .map_err(|e| {
+            format!(
+                "{}: {e} (cargo build --release -p socketio-p2p-examples --examples)",
+                exe.display()
+            )
+        })?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let Value::Object(obj) = serde_json::from_str(line.trim())? else {
+        return Err(format!("loadgen {name}: no result").into());
+    };
+    let fields = obj
+        .into_iter()
+        .filter(|(k, _)| k != "scenario")
+        .map(|(k, v)| (&*Box::leak(k.into_boxed_str()), v))
+        .collect();
+    Ok(Outcome {
+        scenario: name,
+        fields,
+    })
+}
+
 /// `--serve-only`: a signaling server; prints its port, runs until stdin closes.
 async fn serve_only(nodelay: bool) -> Res<()> {
     let port = start_signaling(nodelay).await?;
@@ -852,6 +891,10 @@ async fn main() -> Res<()> {
         "upgrade",
         "dc_throughput",
         "server_memory",
+        "server_scale",
+        "signaling_rate",
+        "presence_storm",
+        "cluster",
     ] {
         if only.as_ref().is_some_and(|o| !o.contains(&name)) {
             continue;
@@ -862,7 +905,8 @@ async fn main() -> Res<()> {
             "ack_rtt" => ack_rtt(&url, set).await,
             "upgrade" => upgrade(&url, set).await,
             "dc_throughput" => dc_throughput(&url, set).await,
-            _ => server_memory(set).await,
+            "server_memory" => server_memory(set).await,
+            _ => loadgen(name).await,
         };
         eprintln!("{name}: done in {:.1} s", t.elapsed().as_secs_f64());
         match result {

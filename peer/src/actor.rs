@@ -588,10 +588,19 @@ impl Actor {
                 Ok(s) => self.on_signal(s).await,
                 Err(e) => tracing::warn!(%e, "bad signal from the server"),
             },
-            NetIn::Presence(v) => match serde_json::from_value::<Presence>(v) {
-                Ok(p) => self.on_presence(p).await,
-                Err(e) => tracing::warn!(%e, "bad presence from the server"),
-            },
+            NetIn::Presence(v) => {
+                // One presence, or a batch of them (we ask for batches in `hello`).
+                let list = match v {
+                    serde_json::Value::Array(list) => list,
+                    one => vec![one],
+                };
+                for v in list {
+                    match serde_json::from_value::<Presence>(v) {
+                        Ok(p) => self.on_presence(p).await,
+                        Err(e) => tracing::warn!(%e, "bad presence from the server"),
+                    }
+                }
+            }
             NetIn::Error(v) => match serde_json::from_value::<ErrorMsg>(v) {
                 Ok(e) => self.on_server_error(e),
                 Err(e) => tracing::warn!(%e, "bad error message from the server"),
@@ -667,6 +676,7 @@ impl Actor {
             // Nagle's algorithm on its socket) and splits binary messages on 0x1e: text is
             // one message and needs no escaping.
             frames: FrameEncoding::Base64,
+            batch_presence: true,
         };
         self.request(op, ReqKind::Hello).await;
     }

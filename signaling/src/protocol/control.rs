@@ -79,6 +79,10 @@ pub enum Op {
         /// How this client wants `p2p:f` batches delivered (default binary).
         #[serde(default)]
         frames: FrameEncoding,
+        /// Ask for `p2p:presence` events that may carry an array of presences (one event
+        /// per burst instead of one per presence).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        batch_presence: bool,
     },
     /// Join a room. Replies the room's other peers (`[PeerInfo]`).
     Join {

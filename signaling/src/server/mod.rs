@@ -169,16 +169,40 @@ impl std::fmt::Debug for P2pSignaling {
 /// Outgoing messages collected under the lock and sent after it.
 #[derive(Default)]
 struct Outbox {
-    msgs: Vec<(Arc<dyn PeerSocket>, &'static str, Json)>,
+    msgs: Vec<(Arc<dyn PeerSocket>, Outgoing)>,
+}
+
+/// One outgoing control message.
+enum Outgoing {
+    Json(&'static str, Json),
+    /// A presence, serialized once for all its recipients.
+    Presence(Arc<str>),
+}
+
+/// A presence, serialized once for every recipient.
+fn presence_text(p: &Presence) -> Arc<str> {
+    serde_json::to_string(p).unwrap_or_default().into()
 }
 
 impl Outbox {
     fn push(&mut self, to: &Arc<dyn PeerSocket>, event: &'static str, data: Json) {
-        self.msgs.push((to.clone(), event, data));
+        let msg = if event == events::PRESENCE {
+            Outgoing::Presence(data.to_string().into())
+        } else {
+            Outgoing::Json(event, data)
+        };
+        self.msgs.push((to.clone(), msg));
+    }
+    fn presence(&mut self, to: Arc<dyn PeerSocket>, text: &Arc<str>) {
+        self.msgs.push((to, Outgoing::Presence(text.clone())));
     }
     fn flush(self) {
-        for (socket, event, data) in self.msgs {
-            if let Err(e) = socket.emit_json(event, &data) {
+        for (socket, msg) in self.msgs {
+            let (event, sent) = match msg {
+                Outgoing::Presence(text) => (events::PRESENCE, socket.emit_presence(text)),
+                Outgoing::Json(event, data) => (event, socket.emit_json(event, &data)),
+            };
+            if let Err(e) = sent {
                 tracing::debug!(?e, event, "could not deliver control message");
             }
         }
@@ -225,10 +249,102 @@ impl std::error::Error for AuthRejected {}
 struct LocalSocket<A: Adapter> {
     socket: SocketRef<A>,
     base64: AtomicBool,
+    /// Presence waiting to go out as one batch, when the client asked for batches.
+    presence: Option<Arc<PresenceQueue>>,
+}
+
+/// Presences queued for one socket (see [`PeerSocket::emit_presence`]).
+#[derive(Default)]
+struct PresenceQueue {
+    on: AtomicBool,
+    queue: Mutex<Vec<Arc<str>>>,
+}
+
+/// Most presences in one batch, so that no message grows big (socket buffers keep the size
+/// of the biggest message they carried).
+const PRESENCE_BATCH: usize = 64;
+
+impl PresenceQueue {
+    fn take(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Sends what is queued, in batches of at most `PRESENCE_BATCH`.
+    fn flush<A: Adapter>(&self, socket: &SocketRef<A>) -> Result<(), EmitFail> {
+        let queued = self.take();
+        let mut result = Ok(());
+        for chunk in queued.chunks(PRESENCE_BATCH) {
+            let text = if let [one] = chunk {
+                one.to_string()
+            } else {
+                let len = chunk.iter().map(|p| p.len() + 1).sum::<usize>() + 1;
+                let mut t = String::with_capacity(len);
+                for p in chunk {
+                    t.push(if t.is_empty() { '[' } else { ',' });
+                    t.push_str(p);
+                }
+                t.push(']');
+                t
+            };
+            let Ok(raw) = serde_json::value::RawValue::from_string(text) else {
+                continue;
+            };
+            if let Err(e) = socket.emit(events::PRESENCE, &raw) {
+                result = Err(map_send_error(e));
+            }
+        }
+        result
+    }
+}
+
+impl<A: Adapter> LocalSocket<A> {
+    /// Sends queued presence first: nothing may overtake it.
+    fn flush_presence(&self) {
+        if let Some(q) = &self.presence
+            && q.on.load(Ordering::Relaxed)
+        {
+            let _ = q.flush(&self.socket);
+        }
+    }
 }
 
 impl<A: Adapter> PeerSocket for LocalSocket<A> {
+    fn emit_presence(&self, data: Arc<str>) -> Result<(), EmitFail> {
+        let Some(q) = self
+            .presence
+            .as_ref()
+            .filter(|q| q.on.load(Ordering::Relaxed))
+        else {
+            return match serde_json::value::RawValue::from_string(data.to_string()) {
+                Ok(raw) => self
+                    .socket
+                    .emit(events::PRESENCE, &raw)
+                    .map_err(map_send_error),
+                Err(_) => Ok(()),
+            };
+        };
+        let first = {
+            let mut queue = q.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.push(data);
+            queue.len() == 1
+        };
+        if first {
+            // Send the queue once the current burst of requests had a chance to add to it.
+            let (q, socket) = (q.clone(), self.socket.clone());
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let _ = q.flush(&socket);
+            });
+        }
+        Ok(())
+    }
+    fn set_batch_presence(&self, on: bool) {
+        if let Some(q) = &self.presence {
+            q.on.store(on, Ordering::Relaxed);
+        }
+    }
     fn emit_frames(&self, batch: Bytes, _frames: usize) -> Result<(), EmitFail> {
+        self.flush_presence();
         if self.base64.load(Ordering::Relaxed) {
             self.socket
                 .emit(events::FRAME, &batch_to_base64(&batch))
@@ -240,6 +356,7 @@ impl<A: Adapter> PeerSocket for LocalSocket<A> {
         }
     }
     fn emit_json(&self, event: &'static str, data: &Json) -> Result<(), EmitFail> {
+        self.flush_presence();
         self.socket.emit(event, data).map_err(map_send_error)
     }
     fn set_encoding(&self, encoding: FrameEncoding) {
@@ -432,10 +549,10 @@ impl P2pSignaling {
                 if let Some(uid) = &info.uid {
                     self.inner.uids.release(uid, id);
                 }
-                let msg = to_json(&Presence::Disconnected { peer: info.clone() });
+                let msg = presence_text(&Presence::Disconnected { peer: info.clone() });
                 for n in neighbours {
                     if let Some(sock) = st.socket(&n) {
-                        out.push(&sock, events::PRESENCE, msg.clone());
+                        out.presence(sock, &msg);
                     }
                 }
             }
@@ -550,6 +667,7 @@ impl P2pSignaling {
                 rooms,
                 resume,
                 frames,
+                batch_presence,
             } => {
                 if version != PROTOCOL_VERSION {
                     return Some(Err((
@@ -643,6 +761,7 @@ impl P2pSignaling {
                 if let Some(c) = st.conns.get_mut(id) {
                     c.info = Some(info.clone());
                     c.socket.set_encoding(frames);
+                    c.socket.set_batch_presence(batch_presence);
                 }
                 let mut room_peers = Vec::new();
                 for room in rooms {
@@ -653,8 +772,16 @@ impl P2pSignaling {
                 // The welcome goes out before any `paired` it triggers: the peer must know its
                 // own id before it meets anyone.
                 let now = std::time::Instant::now();
-                st.issued
-                    .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(24 * 3600));
+                // Forget tokens older than a day, at most once a minute (not at every hello).
+                if st
+                    .issued_pruned
+                    .is_none_or(|t| now.duration_since(t) > Duration::from_secs(60))
+                {
+                    st.issued_pruned = Some(now);
+                    st.issued.retain(|_, (_, at)| {
+                        now.duration_since(*at) < Duration::from_secs(24 * 3600)
+                    });
+                }
                 let token = format!("{}.{}", self.inner.instance, new_token(id));
                 st.issued.insert(id.to_owned(), (token.clone(), now));
                 #[cfg(feature = "redis")]
@@ -857,14 +984,12 @@ impl P2pSignaling {
                 st.rooms.remove(room);
             }
         }
-        let msg = to_json(&Presence::Left {
+        let msg = presence_text(&Presence::Left {
             room: room.to_owned(),
             peer: info.clone(),
         });
-        for p in st.room_peers(room, id) {
-            if let Some(sock) = st.socket(&p.id) {
-                out.push(&sock, events::PRESENCE, msg.clone());
-            }
+        for p in st.room_members(room, id) {
+            out.presence(p, &msg);
         }
         true
     }
@@ -885,19 +1010,16 @@ impl P2pSignaling {
             .entry(room.to_owned())
             .or_default()
             .insert(id.to_owned());
-        let peers = st.room_peers(room, id);
         if newly {
-            let msg = to_json(&Presence::Joined {
+            let msg = presence_text(&Presence::Joined {
                 room: room.to_owned(),
                 peer: info.clone(),
             });
-            for p in &peers {
-                if let Some(sock) = st.socket(&p.id) {
-                    out.push(&sock, events::PRESENCE, msg.clone());
-                }
+            for p in st.room_members(room, id) {
+                out.presence(p, &msg);
             }
         }
-        peers
+        st.room_peers(room, id)
     }
 
     fn make_pair(&self, st: &mut State, a: &str, rid: u64, b: &str, out: &mut Outbox) {
@@ -1140,6 +1262,7 @@ fn arc_of<A: Adapter>(s: &SocketRef<A>) -> Arc<dyn PeerSocket> {
     Arc::new(LocalSocket {
         socket: s.clone(),
         base64: AtomicBool::new(false),
+        presence: Some(Arc::default()),
     })
 }
 
@@ -1206,6 +1329,7 @@ impl<A: Adapter> FromMessageParts<A> for FrameDone {
             let me = LocalSocket {
                 socket: me,
                 base64: AtomicBool::new(false),
+                presence: None,
             };
             sig.relay_batch(&me, &s.id.to_string(), data);
         }

@@ -25,6 +25,18 @@ pub(crate) trait PeerSocket: Send + Sync {
     fn emit_json(&self, event: &'static str, data: &serde_json::Value) -> Result<(), EmitFail>;
     /// The client's `hello` said how it wants batches (local sockets only).
     fn set_encoding(&self, _encoding: crate::protocol::FrameEncoding) {}
+    /// Sends one presence on `p2p:presence`. A local socket whose client asked for presence
+    /// batches queues it and sends the queue a moment later as one event (or sooner, before
+    /// anything else it sends to that client, so that nothing overtakes it).
+    /// `data` is one presence object, serialized.
+    fn emit_presence(&self, data: Arc<str>) -> Result<(), EmitFail> {
+        match serde_json::from_str(&data) {
+            Ok(v) => self.emit_json(crate::protocol::events::PRESENCE, &v),
+            Err(_) => Ok(()),
+        }
+    }
+    /// The client's `hello` asked for presence batches (local sockets only).
+    fn set_batch_presence(&self, _on: bool) {}
 }
 
 /// The uid registry: who holds which uid. Behind a trait so that a multi-node server can keep it
@@ -127,6 +139,8 @@ pub(crate) struct State {
     pub(crate) peer_of: HashMap<String, String>,
     /// Peer ids this server handed out, with their resume token and when.
     pub(crate) issued: HashMap<String, (String, Instant)>,
+    /// When `issued` was last pruned.
+    pub(crate) issued_pruned: Option<Instant>,
     /// Services and topics.
     pub(crate) services: super::services::Services,
     /// Peers of other nodes (peer id -> node), mirrored from the cluster.
@@ -174,6 +188,19 @@ impl State {
             .collect();
         peers.sort_by(|a, b| a.id.cmp(&b.id));
         peers
+    }
+
+    /// Sockets of the other registered peers of `room`, without `except`.
+    pub(crate) fn room_members(&self, room: &str, except: &str) -> Vec<Arc<dyn PeerSocket>> {
+        self.rooms
+            .get(room)
+            .into_iter()
+            .flatten()
+            .filter(|id| id.as_str() != except)
+            .filter_map(|id| self.conns.get(id))
+            .filter(|c| c.info.is_some())
+            .map(|c| c.socket.clone())
+            .collect()
     }
 
     /// Every peer sharing a scope with `id` (each once).
