@@ -414,6 +414,7 @@ fn control_messages() -> Vec<(&'static str, Value)> {
                         token: "inst.9b1f0c7a".into(),
                     }),
                     frames: FrameEncoding::Binary,
+                    batch_presence: false,
                 },
             ),
         ),
