@@ -2,7 +2,8 @@
 //! and server memory per idle peer, each against a baseline measured in the same run.
 //! Everything runs on 127.0.0.1: no STUN/TURN, no mDNS.
 //!
-//! Run: `cargo run --release -p socketio-p2p-examples --example bench -- --json`
+//! Run: `cargo build --release -p socketio-p2p-examples --examples`, then
+//! `./target/release/examples/bench --json` (the scale scenarios run the `loadgen` example)
 //! (`--json`: one JSON object per scenario on stdout, the table on stderr; without it,
 //! only the table, on stdout).
 //!
