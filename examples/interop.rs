@@ -12,10 +12,17 @@
 //! cargo run -p socketio-p2p-examples --example interop -- [--static DIR]
 //! {"cmd":"peer","name":"r","rooms":["lobby"]}           -> {"ev":"peer","name":"r","id":"..."}
 //! {"cmd":"emit","peer":"r","to":"<id>","event":"hi","data":{"x":1}}
-//! {"cmd":"emit_n","peer":"r","to":"<id>","event":"num","n":10000}
+//! {"cmd":"emit_n","peer":"r","to":"<id>","event":"num","n":10000}   ("start": first number, 0)
 //! {"cmd":"emit_bin","peer":"r","to":"<id>","event":"bin","len":1048576}
 //! {"cmd":"ack","peer":"r","to":"<id>","event":"echo","data":5,"id":1} -> {"ev":"ack","id":1,"ok":5}
+//! {"cmd":"upgrade","peer":"r","to":"<id>"}    (no `to`: every peer; done once open or failed)
+//! {"cmd":"downgrade","peer":"r","to":"<id>"}  {"cmd":"kill","peer":"r","to":"<id>"}
+//! {"cmd":"transport","peer":"r","to":"<id>"}  -> {"ev":"done","transport":"DataChannel"}
 //! ```
+//!
+//! The `peer` command also takes `auto_upgrade` (default false), `num_clients` and
+//! `upgrade_timeout_ms`; peers report `upgraded`, `downgraded` and `upgrade_failed` as
+//! `presence` lines (`who` = the peer id).
 //!
 //! Every command may carry an `id`; its answer (`done`, `ack`, `error`...) echoes it. Peers
 //! report received events (`event`, binary as length + SHA-256), presence (`presence`),
@@ -265,6 +272,13 @@ fn install(name: &str, p2p: &P2p, handled: &[String]) {
                 json!({"type": "reconnected", "continued": continued})
             }
             PeerEvent::Closed { reason } => json!({"type": "closed", "reason": reason}),
+            PeerEvent::Upgraded { peer } => json!({"type": "upgraded", "who": peer}),
+            PeerEvent::Downgraded { peer, reason } => {
+                json!({"type": "downgraded", "who": peer, "reason": reason})
+            }
+            PeerEvent::UpgradeFailed { peer, reason } => {
+                json!({"type": "upgrade_failed", "who": peer, "reason": reason})
+            }
             other => json!({"type": format!("{other:?}")}),
         };
         let mut v = v;
@@ -368,7 +382,17 @@ async fn run(cmd: Value, peers: Peers, url: String) {
     match str_field(&cmd, "cmd").unwrap_or("") {
         "peer" => {
             let name = str_field(&cmd, "name").unwrap_or("r").to_owned();
-            let mut opts = P2pOptions::default().loopback_only().auto_upgrade(false);
+            let auto = cmd
+                .get("auto_upgrade")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let mut opts = P2pOptions::default().loopback_only().auto_upgrade(auto);
+            if let Some(n) = cmd.get("num_clients").and_then(Value::as_u64) {
+                opts = opts.num_clients(n as usize);
+            }
+            if let Some(ms) = cmd.get("upgrade_timeout_ms").and_then(Value::as_u64) {
+                opts = opts.upgrade_timeout(Duration::from_millis(ms));
+            }
             if let Some(rooms) = cmd.get("rooms").and_then(Value::as_array) {
                 for r in rooms.iter().filter_map(Value::as_str) {
                     opts = opts.room(r);
@@ -424,8 +448,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
                 return;
             };
             let n = cmd.get("n").and_then(Value::as_u64).unwrap_or(1);
+            let start = cmd.get("start").and_then(Value::as_u64).unwrap_or(0);
             let t = to.clone().unwrap_or_default();
-            for i in 0..n {
+            for i in start..start + n {
                 if let Err(e) = p.to(&t).emit(&event, json!(i)).await {
                     return fail(&e);
                 }
@@ -490,6 +515,43 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             };
             match r {
                 Ok(()) => done(json!({})),
+                Err(e) => fail(&e),
+            }
+        }
+        "upgrade" => {
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
+            let r = match &to {
+                Some(t) => p.upgrade_peer(t).await,
+                None => p.upgrade(),
+            };
+            match r {
+                Ok(()) => done(json!({})),
+                Err(e) => fail(&e),
+            }
+        }
+        "downgrade" | "kill" => {
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
+            let t = to.clone().unwrap_or_default();
+            let r = if str_field(&cmd, "cmd") == Some("kill") {
+                p.kill_data_channel(&t)
+            } else {
+                p.downgrade_peer(&t)
+            };
+            match r {
+                Ok(()) => done(json!({})),
+                Err(e) => fail(&e),
+            }
+        }
+        "transport" => {
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
+            match p.transport(to.as_deref().unwrap_or("")).await {
+                Ok(t) => done(json!({"transport": format!("{t:?}")})),
                 Err(e) => fail(&e),
             }
         }

@@ -9,3 +9,5 @@ export type { Request, Response, HelloOutcome } from "./session.js";
 export { toWire, fromWire } from "./payload.js";
 export { Streams } from "./streams.js";
 export type { P2PStream, IncomingStream } from "./streams.js";
+export { Negotiation, BUSY, APP_DOWNGRADE } from "./negotiate.js";
+export type { Action, Signal, Phase, NegotiationOptions } from "./negotiate.js";

@@ -20,6 +20,8 @@ import { FRAGMENT_SIZE, type Delivery, Link } from "./link.js";
 import { fromWire, isBlob, toWire } from "./payload.js";
 import { type PeerInfo, type Response, type ServerError, Session, type Welcome } from "./session.js";
 import { Streams, type IncomingStream, type P2PStream } from "./streams.js";
+import { type Action, APP_DOWNGRADE, Negotiation, type Signal } from "./negotiate.js";
+import { RtcConn, type RTCPeerConnectionCtor } from "./rtc.js";
 
 /** Options, named after the Rust `P2pOptions` (camel-cased). Durations are in milliseconds. */
 export interface P2POptions {
@@ -43,15 +45,28 @@ export interface P2POptions {
   maxMessageSize?: number;
   /** Stream receive window in bytes (256 KiB). */
   streamWindow?: number;
-  /** WebRTC options: accepted for compatibility; this version always uses the relay. */
+  /** Upgrade every peer met to a WebRTC data channel, and retry after failures (default on). */
   autoUpgrade?: boolean;
+  /** Most WebRTC connections (attempts plus open channels) at once (5). */
   numClients?: number;
+  /** ICE servers of the RTCPeerConnection (none by default). */
   iceServers?: unknown[];
+  /** Further RTCConfiguration fields (e.g. `iceTransportPolicy`). */
+  rtcConfig?: Record<string, unknown>;
+  /** Send candidates as they come (default); off: every candidate in the SDP. */
   trickle?: boolean;
+  /** No open channel within this long fails an attempt (5 s). */
+  upgradeTimeout?: number;
+  /** An open channel on which nothing arrived for this long is dead (3 s). */
+  dcTimeout?: number;
+  /** First retry backoff (1 s, doubling up to 60 s). */
+  retryBackoff?: number;
+  /** An RTCPeerConnection implementation (Node.js); browsers use their own. */
+  wrtc?: { RTCPeerConnection: RTCPeerConnectionCtor };
 }
 
 /** How an event arrived. */
-export type Transport = "relay" | "webrtc";
+export type Transport = "relay" | "datachannel";
 
 /** What a handler learns about an event besides its data. */
 export interface EventMeta {
@@ -100,6 +115,9 @@ export const LOCAL_EVENTS = [
   "reconnected",
   "server-error",
   "close",
+  "upgrade",
+  "downgrade",
+  "upgrade-failed",
 ] as const;
 
 interface PeerState {
@@ -107,6 +125,10 @@ interface PeerState {
   rooms: Set<string>;
   paired: boolean;
   link: Link;
+  neg?: Negotiation;
+  rtc?: RtcConn;
+  /** `upgradePeer` promises waiting for this peer's attempt. */
+  upWaiters?: { resolve: () => void; reject: (e: P2PError) => void }[];
   /** After a continued resume: forgotten unless presence shows it again by then. */
   confirmBy?: number;
 }
@@ -205,7 +227,8 @@ export class P2P {
   /** Ends every subscription's iterator (on close). */
   private readonly subscriptionStops = new Set<() => void>();
   private readonly pingWaiters = new Map<bigint, (from: string) => void>();
-  private volatileOut: Uint8Array[] = [];
+  private volatileOut: [string, Uint8Array][] = [];
+  private readonly rtcImpl: RTCPeerConnectionCtor | undefined;
   private flushQueued = false;
   private timer: ReturnType<typeof setTimeout> | null = null;
   private timerAt = Infinity;
@@ -220,10 +243,11 @@ export class P2P {
   constructor(
     readonly socket: Socket,
     opts: P2POptions = {},
-    /** WebRTC upgrade callback: accepted for compatibility, never called by this relay-only version. */
+    /** Called with the peer id each time a data channel to a peer opens. */
     readonly onUpgrade?: (peer: string) => void,
   ) {
     this.opts = opts;
+    this.rtcImpl = opts.wrtc?.RTCPeerConnection ?? (globalThis as any).RTCPeerConnection;
     const rooms = [...(opts.rooms ?? []), ...(opts.room ? [opts.room] : [])];
     if (!rooms.length && !opts.uid && !opts.peerUid) rooms.push("default");
     this.session = new Session({ uid: opts.uid ?? null, rooms });
@@ -249,7 +273,7 @@ export class P2P {
       ["p2p:f", (data: unknown) => this.onFrames(data)],
       ["p2p:call", (c: any) => this.onCall(c)],
       ["p2p:topic", (t: any) => this.onTopic(t)],
-      ["p2p:sig", () => {}],
+      ["p2p:sig", (s: any) => this.onSignal(s)],
     ];
     for (const [ev, fn] of this.listeners) socket.on(ev, fn);
     if (socket.connected) this.onConnect();
@@ -419,7 +443,7 @@ export class P2P {
       if (payload.data.length > VOLATILE_MAX) return fail(new P2PError("PayloadTooLarge", "volatile events are at most 16 KiB"));
       for (const t of targets) {
         if (!this.session.registered) break;
-        this.volatileOut.push(encodeFrame({ to: t, from: "", body: { kind: "volatile", msg: { type: "event", event, ackId: 0, payload } } }));
+        this.volatileOut.push([t, encodeFrame({ to: t, from: "", body: { kind: "volatile", msg: { type: "event", event, ackId: 0, payload } } })]);
       }
       this.scheduleFlush();
       if (ack) queueMicrotask(() => ack(null, single ? undefined : []));
@@ -631,6 +655,7 @@ export class P2P {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     this.socket.disconnect();
+    for (const p of this.peersById.values()) this.dropRtc(p, "Closed");
     this.session.close();
     this.acks.fail(null, "Closed", "closed");
     this.streams.failAll("Closed");
@@ -752,6 +777,13 @@ export class P2P {
         link: new Link(info.id, { window: this.opts.window, maxMessageSize: this.opts.maxMessageSize }),
       };
       this.peersById.set(info.id, st);
+      if (this.autoUpgrade) {
+        const id = info.id;
+        queueMicrotask(() => {
+          const p = this.peersById.get(id);
+          if (p && !this.closed) this.startUpgrade(p, false);
+        });
+      }
     } else if (info.uid) st.info.uid = info.uid;
     if (room !== null) st.rooms.add(room);
     st.confirmBy = undefined;
@@ -764,6 +796,7 @@ export class P2P {
 
   private forget(p: PeerState, code: string, announce: boolean): void {
     this.peersById.delete(p.info.id);
+    this.dropRtc(p, code);
     this.acks.fail(p.info.id, code, `peer ${p.info.id} is gone`);
     this.streams.failPeer(p.info.id);
     for (const [ev, list] of this.handlers) {
@@ -846,16 +879,16 @@ export class P2P {
       }
       if (!frame.from) continue;
       const st = this.peersById.get(frame.from) ?? this.meet({ id: frame.from }, null);
-      for (const d of st.link.handle(frame.body, t)) this.deliver(st, d, frame.body.kind === "volatile");
+      for (const d of st.link.handle(frame.body, t)) this.deliver(st, d, frame.body.kind === "volatile", "relay");
     }
     this.scheduleFlush();
   }
 
-  private deliver(st: PeerState, d: Delivery, volatile: boolean): void {
+  private deliver(st: PeerState, d: Delivery, volatile: boolean, via: Transport): void {
     const from = st.info.id;
     switch (d.type) {
       case "event":
-        return this.dispatch(st, d.event, d.ackId, d.payload, volatile);
+        return this.dispatch(st, d.event, d.ackId, d.payload, volatile, via);
       case "reply": {
         let r: AckResult<unknown>;
         try {
@@ -878,7 +911,7 @@ export class P2P {
     }
   }
 
-  private dispatch(st: PeerState, event: string, ackId: number, payload: import("./codec.js").WirePayload, volatile: boolean): void {
+  private dispatch(st: PeerState, event: string, ackId: number, payload: import("./codec.js").WirePayload, volatile: boolean, via: Transport): void {
     const from = st.info.id;
     const replyError = (code: string, message: string) => {
       if (ackId !== 0 && !volatile) this.sendReliable(from, { type: "replyError", ackId, code, message });
@@ -892,7 +925,7 @@ export class P2P {
     const entries = (this.handlers.get(event) ?? []).filter((e) => e.from === undefined || e.from === from);
     const anys = this.anyHandlers.filter((e) => e.from === undefined || e.from === from);
     if (!entries.length && !anys.length) return replyError("NoHandler", `no handler for ${JSON.stringify(event)}`);
-    const meta: EventMeta = { from, event, transport: "relay" };
+    const meta: EventMeta = { from, event, transport: via };
     if (st.info.uid) meta.fromUid = st.info.uid;
     let reply: ReplyFn | undefined;
     if (ackId !== 0 && !volatile) {
@@ -936,6 +969,195 @@ export class P2P {
     }
   }
 
+  // ---------------------------------------------------------------- WebRTC
+
+  private get autoUpgrade(): boolean {
+    return (this.opts.autoUpgrade ?? true) && this.rtcImpl !== undefined;
+  }
+
+  /** Whether WebRTC is available here (the browser's, or the `wrtc` option's). */
+  get webrtc(): boolean {
+    return this.rtcImpl !== undefined;
+  }
+
+  /** Which transport carries messages to `peer` now. */
+  transport(peer: string): Transport {
+    const p = this.peersById.get(peer);
+    return p?.neg?.open && p.rtc?.isOpen ? "datachannel" : "relay";
+  }
+
+  /** Starts an upgrade with every peer we can reach. */
+  upgrade(): void {
+    for (const p of [...this.peersById.values()]) this.startUpgrade(p, true);
+  }
+
+  /** Upgrades to a data channel with `peer`; resolves once it is open. */
+  upgradePeer(peer: string): Promise<void> {
+    const p = this.peersById.get(peer);
+    if (!p) return Promise.reject(new P2PError("PeerOffline", `no peer ${peer} in our rooms or pair`, { peer }));
+    if (!this.rtcImpl) return Promise.reject(new P2PError("Unsupported", "no RTCPeerConnection here (pass the wrtc option)", { peer }));
+    if (p.neg?.open) return Promise.resolve();
+    if (!this.negFor(p)) return Promise.reject(new P2PError("NotRegistered", "not registered yet", { peer }));
+    return new Promise((resolve, reject) => {
+      (p.upWaiters ??= []).push({ resolve, reject });
+      this.startUpgrade(p, true);
+    });
+  }
+
+  /** Goes back to the relay with `peer` (no automatic retry until asked again). */
+  downgradePeer(peer: string): void {
+    const p = this.peersById.get(peer);
+    if (p?.neg) this.perform(p, p.neg.hangUp(APP_DOWNGRADE, now()));
+  }
+
+  /** Test hook: closes the peer connection to `peer` as if it died (no bye). */
+  killDataChannel(peer: string): void {
+    this.peersById.get(peer)?.rtc?.pc.close();
+  }
+
+  private negFor(p: PeerState): Negotiation | null {
+    if (!this.rtcImpl || !this.session.id) return null;
+    p.neg ??= new Negotiation(this.session.id, p.info.id, now(), {
+      upgradeTimeout: this.opts.upgradeTimeout,
+      dcTimeout: this.opts.dcTimeout,
+      retryBackoff: this.opts.retryBackoff,
+      autoRetry: this.opts.autoUpgrade ?? true,
+    });
+    return p.neg;
+  }
+
+  /** Within numClients for one more connection to `p`. */
+  private mayConnect(p: PeerState): boolean {
+    let n = 0;
+    for (const q of this.peersById.values()) if (q !== p && q.neg?.active) n++;
+    return n < (this.opts.numClients ?? 5);
+  }
+
+  private startUpgrade(p: PeerState, explicit: boolean): void {
+    const neg = this.negFor(p);
+    if (!neg) return;
+    this.perform(p, neg.start(now(), this.mayConnect(p), explicit));
+  }
+
+  private onSignal(m: { from?: string; signal?: Signal }): void {
+    if (this.closed || !m?.from || !m.signal || typeof m.signal !== "object") return;
+    const p = this.peersById.get(m.from);
+    if (!p) return;
+    const neg = this.negFor(p);
+    if (!neg) return;
+    this.perform(p, neg.onSignal(m.signal, this.mayConnect(p), now()));
+  }
+
+  private sendSignal(peer: string, signal: Signal): void {
+    void this.request("signal", { to: peer, signal }, { retry: false }).catch(() => {});
+  }
+
+  private newConn(p: PeerState): RtcConn {
+    const config: Record<string, unknown> = { iceServers: this.opts.iceServers ?? [], ...(this.opts.rtcConfig ?? {}) };
+    const conn: RtcConn = new RtcConn(
+      { impl: this.rtcImpl!, config, trickle: this.opts.trickle ?? true },
+      {
+        signal: (s) => {
+          if (p.rtc === conn && !this.closed) this.sendSignal(p.info.id, s);
+        },
+        open: () => {
+          if (p.rtc === conn && p.neg && !this.closed) this.perform(p, p.neg.onOpen(now()));
+        },
+        closed: (reason) => {
+          if (p.rtc === conn && p.neg && !this.closed) this.perform(p, p.neg.onClosed(reason, now()));
+        },
+        message: (bytes) => {
+          if (p.rtc === conn && !this.closed) this.onChannelFrame(p, bytes);
+        },
+      },
+    );
+    p.rtc = conn;
+    return conn;
+  }
+
+  private perform(p: PeerState, actions: Action[]): void {
+    if (!actions.length) return;
+    const id = p.info.id;
+    for (const a of actions) {
+      switch (a.type) {
+        case "createOffer":
+          this.newConn(p).offer();
+          break;
+        case "acceptOffer":
+          this.newConn(p).answerTo(a.sdp);
+          break;
+        case "acceptAnswer":
+          p.rtc?.acceptAnswer(a.sdp);
+          break;
+        case "addCandidate":
+          p.rtc?.candidate(a.signal);
+          break;
+        case "send":
+          this.sendSignal(id, a.signal);
+          break;
+        case "closeLink":
+          p.rtc?.close();
+          p.rtc = undefined;
+          break;
+        case "keepalive":
+          p.link.ping(0n);
+          break;
+        case "upgraded":
+          p.link.resend();
+          for (const w of p.upWaiters ?? []) w.resolve();
+          p.upWaiters = [];
+          this.emitLocal("upgrade", { peer: id });
+          if (this.onUpgrade) {
+            try {
+              this.onUpgrade(id);
+            } catch (err) {
+              queueMicrotask(() => {
+                throw err;
+              });
+            }
+          }
+          break;
+        case "downgraded":
+          p.link.resend();
+          this.emitLocal("downgrade", { peer: id, reason: a.reason });
+          break;
+        case "failed":
+          for (const w of p.upWaiters ?? []) w.reject(new P2PError("UpgradeFailed", a.reason, { peer: id }));
+          p.upWaiters = [];
+          this.emitLocal("upgrade-failed", { peer: id, reason: a.reason });
+          break;
+      }
+    }
+    this.scheduleFlush();
+  }
+
+  /** A peer is gone (or we close): the connection goes without a bye. */
+  private dropRtc(p: PeerState, code: string): void {
+    p.rtc?.close();
+    p.rtc = undefined;
+    if (p.neg) p.neg.phase = "idle";
+    p.neg = undefined;
+    for (const w of p.upWaiters ?? []) w.reject(new P2PError(code, `peer ${p.info.id} is gone`, { peer: p.info.id }));
+    p.upWaiters = [];
+  }
+
+  private onChannelFrame(p: PeerState, bytes: Uint8Array): void {
+    const t = now();
+    p.neg?.onReceive(t);
+    let frame: Frame;
+    try {
+      frame = decodeFrame(bytes);
+    } catch {
+      return;
+    }
+    // The channel tells the sender: the frame's `from` is ignored.
+    for (const d of p.link.handle(frame.body, t)) {
+      if (!this.peersById.has(p.info.id)) break;
+      this.deliver(p, d, frame.body.kind === "volatile", "datachannel");
+    }
+    this.scheduleFlush();
+  }
+
   // ---------------------------------------------------------------- output and time
 
   private scheduleFlush(): void {
@@ -954,12 +1176,21 @@ export class P2P {
     for (const p of [...this.peersById.values()]) {
       if (p.confirmBy !== undefined && p.confirmBy <= t) this.forget(p, "PeerOffline", true);
     }
-    if (this.session.registered && this.socket.connected) {
-      const out = this.volatileOut;
-      this.volatileOut = [];
-      for (const p of this.peersById.values()) for (const f of p.link.poll(t)) out.push(f);
-      this.sendBatches(out);
-    } else this.volatileOut = [];
+    for (const p of [...this.peersById.values()]) if (p.neg) this.perform(p, p.neg.onTick(t, this.mayConnect(p)));
+    const relayUp = this.session.registered && this.socket.connected;
+    const out: Uint8Array[] = [];
+    for (const [to, f] of this.volatileOut) {
+      const p = this.peersById.get(to);
+      if (p?.rtc && p.neg?.open && p.rtc.send(f, true)) continue;
+      if (relayUp) out.push(f);
+    }
+    this.volatileOut = [];
+    for (const p of this.peersById.values()) {
+      if (p.rtc && p.neg?.open && p.rtc.isOpen) {
+        for (const f of p.link.poll(t)) p.rtc.send(f, false);
+      } else if (relayUp) for (const f of p.link.poll(t)) out.push(f);
+    }
+    if (relayUp) this.sendBatches(out);
     this.armTimer(t);
   }
 
@@ -989,7 +1220,8 @@ export class P2P {
     take(this.streams.nextTimeout());
     for (const p of this.peersById.values()) {
       if (p.confirmBy !== undefined) take(p.confirmBy);
-      if (this.session.registered) take(p.link.nextTimeout());
+      if (this.session.registered || p.neg?.open) take(p.link.nextTimeout());
+      if (p.neg) take(p.neg.nextTimeout());
     }
     if (next === null) return;
     const at = Math.max(next, t + 1);
