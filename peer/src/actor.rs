@@ -1418,7 +1418,7 @@ impl Actor {
                 reply,
             } => {
                 if !self.peers.contains_key(&peer) {
-                    self.credits.refund(&peer, frames);
+                    self.credits.release(&peer, frames);
                     let _ = reply.send(Err(Error::PeerOffline(peer)));
                     return;
                 }
@@ -1514,12 +1514,12 @@ impl Actor {
     /// Queues an emitted message whose credit the handle took.
     fn push_counted(&mut self, to: &str, msg: Msg, frames: usize) {
         let Some(peer) = self.peers.get_mut(to) else {
-            self.credits.refund(to, frames);
+            self.credits.release(to, frames);
             return;
         };
         if let Err(e) = peer.link.push(msg, true) {
             tracing::warn!(%e, "could not encode a message");
-            self.credits.refund(to, frames);
+            self.credits.release(to, frames);
         }
         self.dirty.insert(to.to_owned());
     }

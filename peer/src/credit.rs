@@ -114,12 +114,8 @@ impl Credits {
         }
     }
 
-    /// Gives back the credit the actor did not use (the target was gone).
-    pub(crate) fn refund(&self, peer: &str, frames: usize) {
-        self.release(peer, frames);
-    }
-
-    /// The peer acknowledged `frames` counted frames.
+    /// Gives back `frames` of credit: the peer acknowledged them, or the actor could not
+    /// queue the message (the target was gone).
     pub(crate) fn release(&self, peer: &str, frames: usize) {
         if frames == 0 {
             return;

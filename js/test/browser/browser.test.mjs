@@ -3,36 +3,12 @@
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import path from "node:path";
-import puppeteer from "puppeteer-core";
 import { Interop, until, pattern, sha256 } from "../harness.mjs";
+import { browsers, launch, openPage } from "./browsers.mjs";
 
 const jsRoot = path.resolve(import.meta.dirname, "../..");
 
-const browsers = {
-  chromium: {
-    executablePath: "/usr/bin/chromium",
-    headless: true,
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-dev-shm-usage",
-      "--allow-loopback-in-peer-connection",
-      "--disable-features=WebRtcHideLocalIpsWithMdns",
-    ],
-  },
-  firefox: {
-    browser: "firefox",
-    protocol: "webDriverBiDi",
-    executablePath: "/usr/bin/firefox-esr",
-    headless: true,
-    extraPrefsFirefox: {
-      "media.peerconnection.ice.loopback": true,
-      "permissions.default.microphone": 1,
-    },
-  },
-};
-
-for (const [name, launch] of Object.entries(browsers)) {
+for (const [name, options] of Object.entries(browsers)) {
   describe(`relay suite in ${name}`, { timeout: 300_000 }, () => {
     let it, browser, page;
     const ev = (fn, ...args) => page.evaluate(fn, ...args);
@@ -43,11 +19,8 @@ for (const [name, launch] of Object.entries(browsers)) {
 
     before(async () => {
       it = await Interop.start(["--static", jsRoot]);
-      browser = await puppeteer.launch({ ...launch, env: { ...process.env, HOME: process.env.HOME ?? "/tmp" } });
-      page = await browser.newPage();
-      page.on("pageerror", (e) => console.log(`# page error: ${e.message}`));
-      await page.goto(`${it.url}/static/test/browser/page.html`);
-      await page.waitForFunction(() => window.pageReady === true, { timeout: 30_000 });
+      browser = await launch(options);
+      page = await openPage(browser, it.url);
     });
 
     after(async () => {
@@ -259,7 +232,7 @@ describe("the chat page with a Rust chat peer", { timeout: 120_000 }, () => {
     copyFileSync(path.join(jsRoot, "examples/chat.html"), path.join(dir, "index.html"));
     copyFileSync(path.join(jsRoot, "dist/socketio-p2p.browser.js"), path.join(dir, "socketio-p2p.browser.js"));
     it = await Interop.start(["--static", dir]);
-    browser = await puppeteer.launch(browsers.chromium);
+    browser = await launch(browsers.chromium);
   });
   after(async () => {
     await browser?.close().catch(() => {});

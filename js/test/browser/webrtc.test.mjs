@@ -4,46 +4,14 @@
 import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import path from "node:path";
-import puppeteer from "puppeteer-core";
 import { Interop, until, pattern, sha256 } from "../harness.mjs";
+import { browsers, launch, openPage } from "./browsers.mjs";
 
 const jsRoot = path.resolve(import.meta.dirname, "../..");
 
-export const browsers = {
-  chromium: {
-    executablePath: "/usr/bin/chromium",
-    headless: true,
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-dev-shm-usage",
-      "--allow-loopback-in-peer-connection",
-      "--disable-features=WebRtcHideLocalIpsWithMdns",
-    ],
-  },
-  firefox: {
-    browser: "firefox",
-    protocol: "webDriverBiDi",
-    executablePath: "/usr/bin/firefox-esr",
-    headless: true,
-    extraPrefsFirefox: {
-      "media.peerconnection.ice.loopback": true,
-      "permissions.default.microphone": 1,
-    },
-  },
-};
-
-async function openPage(browser, url) {
-  const page = await browser.newPage();
-  page.on("pageerror", (e) => console.log(`# page error: ${e.message}`));
-  await page.goto(`${url}/static/test/browser/page.html`);
-  await page.waitForFunction(() => window.pageReady === true, { timeout: 30_000 });
-  return page;
-}
-
 const rtc = { autoUpgrade: false, iceServers: [] };
 
-for (const [name, launch] of Object.entries(browsers)) {
+for (const [name, options] of Object.entries(browsers)) {
   describe(`webrtc suite in ${name}`, { timeout: 300_000 }, () => {
     let it, browser, page;
     const ev = (fn, ...args) => page.evaluate(fn, ...args);
@@ -56,7 +24,7 @@ for (const [name, launch] of Object.entries(browsers)) {
 
     before(async () => {
       it = await Interop.start(["--static", jsRoot]);
-      browser = await puppeteer.launch({ ...launch, env: { ...process.env, HOME: process.env.HOME ?? "/tmp" } });
+      browser = await launch(options);
       page = await openPage(browser, it.url);
     });
 
