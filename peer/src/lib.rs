@@ -18,27 +18,26 @@
 //! let answer = p2p.to("some-peer-id").emit_with_ack("ping", ()).await;
 //! # Ok(()) }
 //! ```
-mod actor;
+mod core;
 mod credit;
 mod dispatch;
+mod driver;
 mod error;
-mod link;
-mod negotiate;
 mod options;
 mod payload;
 mod rtc;
 mod services;
 mod stream;
+mod transport;
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{FutureExt, Stream};
+use futures_util::Stream;
 use rust_socketio::asynchronous::ClientBuilder;
-use rust_socketio::{Event as SioEvent, Payload as SioPayload};
-use socketio_p2p_signaling::protocol::{Op, events};
+use socketio_p2p_signaling::protocol::Op;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{Error, Result};
@@ -51,8 +50,16 @@ pub use socketio_p2p_signaling::protocol::{ErrorCode, PeerInfo};
 pub use socketio_p2p_signaling::{Service, ServiceError};
 pub use stream::{IncomingStream, P2pStream};
 
-use actor::{Actor, Channels, Cmd, NetIn};
+use crate::core::streams::StreamCmd;
+use crate::core::{Command as Cmd, NetIn, Reply};
 use dispatch::Registry;
+
+/// A reply that goes to a oneshot channel.
+fn reply_to<T: Send + 'static>(tx: oneshot::Sender<Result<T>>) -> Reply<T> {
+    Box::new(move |r| {
+        let _ = tx.send(r);
+    })
+}
 
 /// Identifies a handler registered with [`P2p::on`] and friends, for [`P2p::off_handler`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,7 +73,7 @@ struct Inner {
     me: PeerInfo,
     ack_timeout: Duration,
     events_capacity: usize,
-    streams: mpsc::UnboundedSender<stream::StreamCmd>,
+    streams: mpsc::UnboundedSender<StreamCmd>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingStream>>,
 }
 
@@ -111,52 +118,7 @@ impl P2p {
         if let Some(auth) = &opts.auth {
             builder = builder.auth(auth.clone());
         }
-        for event in [
-            events::FRAME,
-            events::RESPONSE,
-            events::SIGNAL,
-            events::PRESENCE,
-            events::ERROR,
-            events::CALL,
-            events::TOPIC,
-        ] {
-            let tx = net_tx.clone();
-            builder = builder.on(event, move |payload: SioPayload, _| {
-                if let Some(n) = NetIn::from_event(event, payload) {
-                    let _ = tx.send(n);
-                }
-                async {}.boxed()
-            });
-        }
-        let tx = net_tx.clone();
-        builder = builder.on(SioEvent::Connect, move |_, _| {
-            let _ = tx.send(NetIn::Connected);
-            async {}.boxed()
-        });
-        let tx = net_tx.clone();
-        builder = builder.on(SioEvent::Close, move |_, _| {
-            let _ = tx.send(NetIn::Closed);
-            async {}.boxed()
-        });
-        let tx = net_tx;
-        builder = builder.on(SioEvent::Error, move |payload: SioPayload, _| {
-            let text = match payload {
-                SioPayload::Text(v) => v
-                    .iter()
-                    .map(|x| {
-                        x.as_str()
-                            .map(str::to_owned)
-                            .unwrap_or_else(|| x.to_string())
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                #[allow(deprecated)]
-                SioPayload::String(s) => s,
-                SioPayload::Binary(_) => String::from("binary error"),
-            };
-            let _ = tx.send(NetIn::SocketError(text));
-            async {}.boxed()
-        });
+        let builder = transport::relay::wire(builder, net_tx);
         let client = builder
             .connect()
             .await
@@ -166,7 +128,7 @@ impl P2p {
         let (ev_tx, ev_rx) = mpsc::channel(opts.events_capacity);
         let (pe_tx, pe_rx) = mpsc::unbounded_channel();
         let (stream_tx, stream_rx) = mpsc::unbounded_channel();
-        let (incoming_tx, incoming_rx) = mpsc::channel(stream::INCOMING_QUEUE);
+        let (incoming_tx, incoming_rx) = mpsc::channel(core::streams::INCOMING_QUEUE);
         let registry = Registry::default();
         tokio::spawn(dispatch::run(registry.clone(), ev_rx, pe_rx));
         let credits = Arc::new(credit::Credits::new(opts.window * 4));
@@ -174,22 +136,30 @@ impl P2p {
         let (ready_tx, ready_rx) = oneshot::channel();
         let ack_timeout = opts.ack_timeout;
         let events_capacity = opts.events_capacity;
-        let actor = Actor::new(
-            opts,
-            client,
-            Channels {
+        let rtc = driver::RtcSetup {
+            cfg: opts.rtc_config(),
+            hang: opts.rtc_hang,
+        };
+        let core = core::Core::new(opts, tokio::time::Instant::now().into_std());
+        let driver = driver::Driver::new(
+            core,
+            transport::relay::Relay::spawn(client),
+            rtc,
+            driver::Inbox {
                 cmds: cmd_rx,
                 net: net_rx,
+                streams: stream_rx,
+            },
+            driver::Outbox {
                 events: ev_tx,
                 peer_events: pe_tx,
-                stream_tx: stream_tx.clone(),
-                stream_rx,
                 incoming: incoming_tx,
+                stream_tx: stream_tx.clone(),
                 credits: credits.clone(),
             },
             ready_tx,
         );
-        tokio::spawn(actor.run());
+        tokio::spawn(driver.run());
         let me = ready_rx.await.map_err(|_| Error::Closed)??;
         Ok(P2p {
             inner: Arc::new(Inner {
@@ -220,10 +190,10 @@ impl P2p {
         self.inner.cmds.send(cmd).map_err(|_| Error::Closed)
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T> {
+    async fn call<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.send(make(tx))?;
-        rx.await.map_err(|_| Error::Closed)
+        self.send(make(reply_to(tx)))?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Serializes a payload here, in the caller's task, and checks its size.
@@ -246,10 +216,10 @@ impl P2p {
     ) -> Result<()> {
         let payload = self.wire(&payload)?;
         if volatile {
-            if payload.bytes().len() > link::CHUNK {
+            if payload.bytes().len() > core::CHUNK {
                 return Err(Error::PayloadTooLarge {
                     size: payload.bytes().len(),
-                    max: link::CHUNK,
+                    max: core::CHUNK,
                 });
             }
             self.inner.credits.check(target.as_deref())?;
@@ -261,7 +231,7 @@ impl P2p {
         }
         // No round trip to the actor: take credit (waiting only while a target is too far
         // behind) and queue the message.
-        let frames = link::frames_of(&payload);
+        let frames = core::frames_of(&payload);
         let targets = self
             .inner
             .credits
@@ -316,10 +286,16 @@ impl P2p {
     /// # Ok(()) }
     /// ```
     pub async fn open_stream(&self, peer: &str, name: &str) -> Result<P2pStream> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        // If this future is dropped before the answer, the handle is dropped at once, and
+        // its drop notice resets the stream.
+        let cmds = self.inner.streams.clone();
+        let reply: Reply<core::streams::StreamParts> = Box::new(move |r| {
+            let _ = tx.send(r.map(|parts| P2pStream::from_parts(parts, cmds)));
+        });
         self.inner
             .streams
-            .send(stream::StreamCmd::Open {
+            .send(StreamCmd::Open {
                 peer: peer.to_owned(),
                 name: name.to_owned(),
                 reply,
@@ -352,7 +328,7 @@ impl P2p {
             service: Arc::new(service),
             reply,
         })
-        .await??;
+        .await?;
         Ok(())
     }
 
@@ -362,7 +338,7 @@ impl P2p {
             name: name.to_owned(),
             reply,
         })
-        .await??;
+        .await?;
         Ok(())
     }
 
@@ -389,13 +365,14 @@ impl P2p {
     /// ```
     pub async fn subscribe(&self, topic: &str) -> Result<Subscription> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let sink: core::TopicSink = Box::new(move |p| tx.send(p).is_ok());
         let id = self
             .call(|reply| Cmd::Subscribe {
                 topic: topic.to_owned(),
-                tx,
+                sink,
                 reply,
             })
-            .await??;
+            .await?;
         Ok(Subscription {
             topic: topic.to_owned(),
             id,
@@ -418,14 +395,14 @@ impl P2p {
     }
 
     /// Streams this peer still keeps state for (diagnostics: 0 once every stream ended).
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub async fn stream_count(&self) -> Result<usize> {
-        let (reply, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         self.inner
             .streams
-            .send(stream::StreamCmd::Count(reply))
+            .send(StreamCmd::Count(reply_to(tx)))
             .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Waits for the next stream another peer opens to this one; `None` once closed.
@@ -546,7 +523,7 @@ impl P2p {
     }
 
     async fn request(&self, op: Op) -> Result<serde_json::Value> {
-        self.call(|reply| Cmd::Request { op, reply }).await?
+        self.call(|reply| Cmd::Request { op, reply }).await
     }
 
     /// Joins a room; returns its other peers.
@@ -594,7 +571,7 @@ impl P2p {
             peer: Some(peer.to_owned()),
             done: Some(done),
         })
-        .await?
+        .await
     }
 
     /// Closes the data channel to a peer; traffic goes back to the relay.
@@ -606,7 +583,7 @@ impl P2p {
 
     /// Test hook: closes the data channel to `peer` abruptly, without telling the peer (as if
     /// the path died). This side falls back to the relay at once; the peer notices by itself.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn kill_data_channel(&self, peer: &str) -> Result<()> {
         self.send(Cmd::Kill {
             peer: peer.to_owned(),
@@ -619,10 +596,11 @@ impl P2p {
             peer: peer.to_owned(),
             reply,
         })
-        .await?
+        .await
     }
 
     /// Number of WebRTC peer connections this peer holds (open or being set up).
+    #[cfg(feature = "test-hooks")]
     pub async fn webrtc_connections(&self) -> Result<usize> {
         self.call(|reply| Cmd::LiveConnections { reply }).await
     }
@@ -635,6 +613,7 @@ impl P2p {
 }
 
 /// Number of WebRTC peer connections alive in this process (all `P2p`s), for leak checks.
+#[cfg(feature = "test-hooks")]
 pub fn live_webrtc_connections() -> usize {
     rtc::live_links()
 }
@@ -672,7 +651,7 @@ impl To<'_> {
         timeout: Duration,
     ) -> Result<Payload> {
         let payload = self.p2p.wire(&payload.into())?;
-        let frames = link::frames_of(&payload);
+        let frames = core::frames_of(&payload);
         self.p2p
             .inner
             .credits
@@ -687,7 +666,7 @@ impl To<'_> {
                 timeout,
                 reply,
             })
-            .await?
+            .await
     }
 }
 

@@ -77,6 +77,7 @@ pub struct P2pOptions {
     pub(crate) block_all_candidates: bool,
     pub(crate) events_capacity: usize,
     pub(crate) stream_window: usize,
+    pub(crate) rtc_hang: Duration,
 }
 
 /// The room joined when no uid, peer uid or room is given.
@@ -109,6 +110,7 @@ impl Default for P2pOptions {
             block_all_candidates: false,
             events_capacity: 1024,
             stream_window: 1024 * 1024,
+            rtc_hang: Duration::ZERO,
         }
     }
 }
@@ -239,7 +241,7 @@ impl P2pOptions {
         self
     }
     /// Gathers no ICE candidate at all, so every upgrade fails (to exercise the fallback).
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn block_all_candidates(mut self) -> Self {
         self.block_all_candidates = true;
         self
@@ -257,6 +259,24 @@ impl P2pOptions {
     pub fn stream_window(mut self, bytes: usize) -> Self {
         self.stream_window = bytes.max(16 * 1024);
         self
+    }
+
+    /// Test hook: every WebRTC offer and answer of this peer waits `d` before it starts,
+    /// as a hung WebRTC stack would (the relay and other peers must carry on meanwhile).
+    #[cfg(feature = "test-hooks")]
+    pub fn hang_webrtc(mut self, d: Duration) -> Self {
+        self.rtc_hang = d;
+        self
+    }
+
+    pub(crate) fn rtc_config(&self) -> crate::rtc::RtcConfig {
+        crate::rtc::RtcConfig {
+            ice_servers: self.ice_servers.iter().cloned().map(Into::into).collect(),
+            loopback_only: self.loopback_only,
+            disable_mdns: self.disable_mdns,
+            trickle: self.trickle,
+            block_all_candidates: self.block_all_candidates,
+        }
     }
 
     pub(crate) fn effective_rooms(&self) -> Vec<String> {

@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use serde::{Serialize, de::DeserializeOwned};
 use socketio_p2p_signaling::protocol::{PeerInfo, WirePayload};
-use tokio::sync::mpsc;
 
-use crate::actor::Cmd;
 use crate::error::{Error, Result};
 
 /// What an event carries: JSON or raw bytes.
@@ -108,8 +106,13 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// Sends the application's answer to an event (peer, ack id, result); false once the
+/// `P2p` is gone.
+pub(crate) type ReplySender =
+    Arc<dyn Fn(String, u64, std::result::Result<Payload, (String, String)>) -> bool + Send + Sync>;
+
 pub(crate) struct Responder {
-    pub(crate) cmds: mpsc::UnboundedSender<Cmd>,
+    pub(crate) send: ReplySender,
     pub(crate) peer: String,
     pub(crate) ack_id: u64,
     pub(crate) done: AtomicBool,
@@ -120,13 +123,7 @@ impl Responder {
         if self.done.swap(true, Ordering::AcqRel) {
             return false;
         }
-        self.cmds
-            .send(Cmd::Reply {
-                peer: self.peer.clone(),
-                ack_id: self.ack_id,
-                result,
-            })
-            .is_ok()
+        (self.send)(self.peer.clone(), self.ack_id, result)
     }
 }
 
@@ -259,6 +256,10 @@ pub enum PeerEvent {
         /// Why.
         reason: String,
     },
+    /// The server connection broke; the client is reconnecting. Peers on data channels
+    /// keep talking meanwhile; what goes through the relay waits (and is sent again once
+    /// the connection is back). [`PeerEvent::Reconnected`] or [`PeerEvent::Closed`] follows.
+    Reconnecting,
     /// The server connection came back after a loss. `continued`: our id and every
     /// per-peer delivery state carried on; otherwise we came back as a new peer.
     Reconnected {

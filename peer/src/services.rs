@@ -1,5 +1,4 @@
 //! Client side of services (calls routed by the server) and topics (publish/subscribe).
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -12,57 +11,8 @@ use socketio_p2p_signaling::Service;
 use socketio_p2p_signaling::protocol::{CallOutcome, Op, PeerInfo, Publication};
 use tokio::sync::mpsc;
 
-use crate::actor::Cmd;
+use crate::core::Command as Cmd;
 use crate::error::{Error, Result};
-
-/// Services this peer provides and topics it is subscribed to (owned by the actor).
-#[derive(Default)]
-pub(crate) struct ServiceTable {
-    pub(crate) provided: HashMap<String, Arc<Service>>,
-    topics: HashMap<String, Vec<(u64, mpsc::UnboundedSender<Publication>)>>,
-    next_sub: u64,
-}
-
-impl ServiceTable {
-    /// Adds a local subscriber; returns its id and whether it is the topic's first one
-    /// (then the server must be told).
-    pub(crate) fn add_sub(
-        &mut self,
-        topic: &str,
-        tx: mpsc::UnboundedSender<Publication>,
-    ) -> (u64, bool) {
-        self.next_sub += 1;
-        let subs = self.topics.entry(topic.to_owned()).or_default();
-        subs.push((self.next_sub, tx));
-        (self.next_sub, subs.len() == 1)
-    }
-
-    /// Removes a local subscriber; true if it was the topic's last one.
-    pub(crate) fn remove_sub(&mut self, topic: &str, id: u64) -> bool {
-        let Some(subs) = self.topics.get_mut(topic) else {
-            return false;
-        };
-        subs.retain(|(i, _)| *i != id);
-        if subs.is_empty() {
-            self.topics.remove(topic);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Hands a publication to every local subscriber of its topic.
-    pub(crate) fn deliver(&mut self, p: Publication) {
-        if let Some(subs) = self.topics.get_mut(&p.topic) {
-            subs.retain(|(_, tx)| tx.send(p.clone()).is_ok());
-        }
-    }
-
-    /// Topics with local subscribers (sent again after a reconnection).
-    pub(crate) fn topics(&self) -> Vec<String> {
-        self.topics.keys().cloned().collect()
-    }
-}
 
 /// A service as seen by a caller, from [`crate::P2p::service`].
 #[derive(Debug, Clone)]
@@ -97,7 +47,7 @@ impl ServiceRef<'_> {
         let v = self
             .p2p
             .call(|reply| Cmd::Call { op, timeout, reply })
-            .await??;
+            .await?;
         match serde_json::from_value::<CallOutcome>(v) {
             Ok(CallOutcome::Ok(v)) => {
                 serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))

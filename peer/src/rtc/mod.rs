@@ -61,6 +61,7 @@ static LIVE_LINKS: AtomicUsize = AtomicUsize::new(0);
 /// The counter is held by the link's shared state, which webrtc callbacks can
 /// only reach through `Weak` references: it drops back once the `RtcLink` is
 /// dropped, and would stay up if some callback leaked a strong reference.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 pub(crate) fn live_links() -> usize {
     LIVE_LINKS.load(Ordering::SeqCst)
 }

@@ -204,6 +204,16 @@ impl Link {
         }
     }
 
+    /// When [`Link::on_tick`] or [`Link::ack_due`] next has something to do.
+    pub(crate) fn poll_timeout(&self) -> Option<std::time::Instant> {
+        let resend = (self.sent_upto > self.acked).then(|| self.last_progress + self.rto);
+        let ack = self.first_unacked_at.map(|t| t + ACK_DELAY);
+        match (resend, ack) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Frames queued and not yet acknowledged.
     pub(crate) fn backlog(&self) -> usize {
         self.unacked.len()

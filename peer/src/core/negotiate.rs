@@ -1,6 +1,6 @@
 //! WebRTC negotiation with one peer as a state machine: inputs (a wish to upgrade, signals
 //! from the peer, channel open/closed, time) go in, actions come out. No sockets, no webrtc:
-//! the actor performs the actions. Tested deterministically below.
+//! the core turns the actions into carrier operations. Tested deterministically below.
 //!
 //! Roles are fixed so that glare cannot happen between two of our peers: the peer with the
 //! smaller id offers; the other asks for an offer with a `request` signal. If an offer still
@@ -9,6 +9,62 @@
 use std::time::{Duration, Instant};
 
 use socketio_p2p_signaling::protocol::Signal;
+
+/// Why a data channel closed or an attempt failed. Decisions (retry or not) are made on
+/// the variant; the text is only for people.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Reason {
+    /// This application asked to go back to the relay.
+    Application,
+    /// The peer's application asked to go back to the relay.
+    PeerApplication,
+    /// The peer refused: it has `num_clients` channels already.
+    PeerBusy,
+    /// The peer hung up, asked for a new connection or renegotiated.
+    Peer(String),
+    /// No data channel within the upgrade timeout.
+    Timeout(Duration),
+    /// The connection failed or died on our side (ICE, a send, a dead channel, ...).
+    Closed(String),
+    /// We are shutting down or the peer left.
+    Local(String),
+}
+
+/// The `bye` reason a refusal carries on the wire (PROTOCOL.md section 9).
+pub(crate) const BYE_BUSY: &str = "busy: num_clients reached";
+/// The `bye` reason an application downgrade carries on the wire.
+pub(crate) const BYE_APPLICATION: &str = "downgrade requested by the application";
+
+impl Reason {
+    /// Reads the reason of a peer's `bye`.
+    pub(crate) fn from_bye(text: Option<String>) -> Self {
+        match text {
+            None => Reason::Peer("peer hung up".into()),
+            Some(t) if t.starts_with("busy") => Reason::PeerBusy,
+            Some(t) if t.contains("application") => Reason::PeerApplication,
+            Some(t) => Reason::Peer(t),
+        }
+    }
+
+    /// Whether auto-upgrade should try again later.
+    pub(crate) fn retry(&self) -> bool {
+        !matches!(
+            self,
+            Reason::Application | Reason::PeerApplication | Reason::PeerBusy
+        )
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Application | Reason::PeerApplication => f.write_str(BYE_APPLICATION),
+            Reason::PeerBusy => f.write_str(BYE_BUSY),
+            Reason::Timeout(t) => write!(f, "no data channel within {t:?}"),
+            Reason::Peer(s) | Reason::Closed(s) | Reason::Local(s) => f.write_str(s),
+        }
+    }
+}
 
 /// What the actor must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,9 +84,9 @@ pub(crate) enum Action {
     /// The data channel is open: move traffic onto it.
     Upgraded,
     /// The data channel that carried traffic is gone: move traffic back to the relay.
-    Downgraded(String),
+    Downgraded(Reason),
     /// The attempt failed; traffic stays on the relay.
-    Failed(String),
+    Failed(Reason),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +121,6 @@ impl Negotiation {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn phase(&self) -> Phase {
         self.phase
     }
@@ -110,12 +165,14 @@ impl Negotiation {
                         self.enter(Phase::Offering, now);
                         vec![
                             Action::CloseLink,
-                            Action::Downgraded("peer asked for a new connection".into()),
+                            Action::Downgraded(Reason::Peer(
+                                "peer asked for a new connection".into(),
+                            )),
                             Action::CreateOffer,
                         ]
                     }
                     _ if !accept => vec![Action::Send(Signal::Bye {
-                        reason: Some("busy: num_clients reached".into()),
+                        reason: Some(BYE_BUSY.into()),
                     })],
                     _ => {
                         self.enter(Phase::Offering, now);
@@ -130,14 +187,14 @@ impl Negotiation {
                 }
                 if !accept && self.phase == Phase::Idle {
                     return vec![Action::Send(Signal::Bye {
-                        reason: Some("busy: num_clients reached".into()),
+                        reason: Some(BYE_BUSY.into()),
                     })];
                 }
                 let was_open = self.phase == Phase::Open;
                 self.enter(Phase::Answering, now);
                 let mut out = vec![Action::CloseLink];
                 if was_open {
-                    out.push(Action::Downgraded("peer renegotiated".into()));
+                    out.push(Action::Downgraded(Reason::Peer("peer renegotiated".into())));
                 }
                 out.push(Action::AcceptOffer(sdp));
                 out
@@ -153,10 +210,7 @@ impl Negotiation {
                 Phase::Offering | Phase::Answering | Phase::Open => vec![Action::AddCandidate(c)],
                 _ => vec![],
             },
-            Signal::Bye { reason } => {
-                let reason = reason.unwrap_or_else(|| "peer hung up".into());
-                self.closed_with(reason, false)
-            }
+            Signal::Bye { reason } => self.closed_with(Reason::from_bye(reason), false),
         }
     }
 
@@ -172,21 +226,21 @@ impl Negotiation {
     }
 
     /// The peer connection closed or failed by itself.
-    pub(crate) fn on_closed(&mut self, reason: String) -> Vec<Action> {
+    pub(crate) fn on_closed(&mut self, reason: Reason) -> Vec<Action> {
         self.closed_with(reason, true)
     }
 
     /// A local WebRTC operation failed (bad remote SDP, ...).
-    pub(crate) fn on_error(&mut self, reason: String) -> Vec<Action> {
+    pub(crate) fn on_error(&mut self, reason: Reason) -> Vec<Action> {
         self.closed_with(reason, true)
     }
 
     /// Local request to go back to the relay (application or peer left).
-    pub(crate) fn hang_up(&mut self, reason: &str) -> Vec<Action> {
-        self.closed_with(reason.to_owned(), true)
+    pub(crate) fn hang_up(&mut self, reason: Reason) -> Vec<Action> {
+        self.closed_with(reason, true)
     }
 
-    fn closed_with(&mut self, reason: String, tell_peer: bool) -> Vec<Action> {
+    fn closed_with(&mut self, reason: Reason, tell_peer: bool) -> Vec<Action> {
         let phase = self.phase;
         self.phase = Phase::Idle;
         let mut out = Vec::new();
@@ -203,20 +257,28 @@ impl Negotiation {
         }
         if tell_peer {
             out.push(Action::Send(Signal::Bye {
-                reason: Some(reason),
+                reason: Some(reason.to_string()),
             }));
         }
         out
     }
 
     /// Timer: an attempt that takes longer than the upgrade timeout fails.
+    /// When [`Negotiation::on_tick`] next has something to do.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        matches!(
+            self.phase,
+            Phase::Requested | Phase::Offering | Phase::Answering
+        )
+        .then(|| self.since + self.timeout)
+    }
+
     pub(crate) fn on_tick(&mut self, now: Instant) -> Vec<Action> {
         match self.phase {
             Phase::Requested | Phase::Offering | Phase::Answering
                 if now.duration_since(self.since) >= self.timeout =>
             {
-                let t = self.timeout;
-                self.closed_with(format!("no data channel within {t:?}"), true)
+                self.closed_with(Reason::Timeout(self.timeout), true)
             }
             _ => vec![],
         }
@@ -307,9 +369,12 @@ mod tests {
         let (mut a, mut b) = pair(now);
         a.start(now);
         a.on_open(now);
-        let acts = a.on_closed("ice failed".into());
+        let acts = a.on_closed(Reason::Closed("ice failed".into()));
         assert_eq!(acts[0], Action::CloseLink);
-        assert_eq!(acts[1], Action::Downgraded("ice failed".into()));
+        assert_eq!(
+            acts[1],
+            Action::Downgraded(Reason::Closed("ice failed".into()))
+        );
         // b at its num_clients limit refuses an offer.
         let acts = b.on_signal(Signal::Offer { sdp: "o".into() }, false, now);
         assert!(matches!(acts[0], Action::Send(Signal::Bye { .. })));
@@ -323,6 +388,9 @@ mod tests {
             true,
             now,
         );
-        assert_eq!(acts, vec![Action::CloseLink, Action::Failed("busy".into())]);
+        assert_eq!(
+            acts,
+            vec![Action::CloseLink, Action::Failed(Reason::PeerBusy)]
+        );
     }
 }
