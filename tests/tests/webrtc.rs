@@ -329,3 +329,44 @@ async fn fifty_upgrade_leave_cycles_leak_nothing() {
         metrics.num_alive_tasks()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_webrtc_stack_stalls_nobody() {
+    let s = spawn_server().await;
+    // Every offer and answer of `h` hangs for 10 s, as a stuck ICE gathering would.
+    let h = peer(&s, rtc_opts().hang_webrtc(Duration::from_secs(10))).await;
+    let b = peer(&s, rtc_opts()).await;
+    let c = peer(&s, rtc_opts()).await;
+    for p in [&h, &b, &c] {
+        wait_peers(p, 2).await;
+    }
+    b.on("ping", |ev| {
+        ev.reply("pong");
+    });
+    h.on("ping", |ev| {
+        ev.reply("pong");
+    });
+    h.upgrade().unwrap();
+    let started = tokio::time::Instant::now();
+    let within = Duration::from_secs(5);
+    // Meanwhile: the other peers upgrade with each other...
+    tokio::time::timeout(within, b.upgrade_peer(c.id()))
+        .await
+        .expect("b and c could not upgrade while h hangs")
+        .unwrap();
+    // ...and h answers and is answered over the relay, and answers its own handle.
+    let r = tokio::time::timeout(within, h.to(b.id()).emit_with_ack("ping", ()))
+        .await
+        .expect("h's relay stalled")
+        .unwrap();
+    assert_eq!(r.to_json::<String>().unwrap(), "pong");
+    let r = tokio::time::timeout(within, b.to(h.id()).emit_with_ack("ping", ()))
+        .await
+        .expect("h stopped answering")
+        .unwrap();
+    assert_eq!(r.to_json::<String>().unwrap(), "pong");
+    assert_eq!(h.transport(b.id()).await.unwrap(), Transport::Relay);
+    assert_eq!(h.peers().await.unwrap().len(), 2);
+    assert!(started.elapsed() < within, "took {:?}", started.elapsed());
+    battery(&b, &c, Transport::DataChannel).await;
+}
