@@ -102,7 +102,7 @@ async fn join(url: &str, name: &str, stun: Option<String>) -> Result<(), BoxErro
         p2p.id()
     );
     p2p.on("peer-msg", |ev| {
-        let text: String = ev.json().unwrap_or_default();
+        let text: String = ev.decode_json().unwrap_or_default();
         println!(
             "[{} via {}] {text}",
             ev.from_uid().unwrap_or(ev.from()),
@@ -115,7 +115,8 @@ async fn join(url: &str, name: &str, stun: Option<String>) -> Result<(), BoxErro
             "* {} went private: upgrading",
             ev.from_uid().unwrap_or(ev.from())
         );
-        let _ = me.upgrade();
+        let me = me.clone();
+        tokio::spawn(async move { me.upgrade().await });
     });
     p2p.on_peer_event(|ev| match ev {
         PeerEvent::Joined { peer, .. } => {
@@ -124,12 +125,12 @@ async fn join(url: &str, name: &str, stun: Option<String>) -> Result<(), BoxErro
         PeerEvent::Disconnected { peer } => {
             println!("* {} left", peer.uid.as_deref().unwrap_or(&peer.id))
         }
-        PeerEvent::Upgraded { peer } => println!("* data channel open with {peer}"),
+        PeerEvent::Upgraded { peer } => println!("* data channel open with {}", peer.id),
         PeerEvent::Downgraded { peer, reason } => {
-            println!("* back on the relay with {peer}: {reason}")
+            println!("* back on the relay with {}: {reason}", peer.id)
         }
         PeerEvent::UpgradeFailed { peer, reason } => {
-            println!("* upgrade with {peer} failed: {reason}")
+            println!("* upgrade with {} failed: {reason}", peer.id)
         }
         PeerEvent::Closed { reason } => println!("* closed: {reason}"),
         _ => {}
@@ -141,7 +142,7 @@ async fn join(url: &str, name: &str, stun: Option<String>) -> Result<(), BoxErro
             "/quit" => break,
             "/private" => {
                 p2p.emit("go-private", ()).await?;
-                p2p.upgrade()?;
+                p2p.upgrade().await?;
             }
             "/peers" => {
                 for peer in p2p.peers().await? {

@@ -45,7 +45,7 @@ async fn main() -> Result<(), BoxError> {
     for (name, p) in [("alice", &alice), ("bob", &bob)] {
         let tx = lines_tx.clone();
         p.on("peer-msg", move |ev| {
-            let text: String = ev.json().unwrap_or_default();
+            let text: String = ev.decode_json().unwrap_or_default();
             let from = ev.from_uid().unwrap_or("?").to_owned();
             let _ = tx.send(format!(
                 "{name:<7} got from {from:<5} via {:<12} | {text}",
@@ -94,7 +94,8 @@ async fn main() -> Result<(), BoxError> {
         .await?
         .ok_or("closed")?;
     println!(
-        "upgrade alice <-> bob ({peer}) now on a WebRTC data channel, in {} ms",
+        "upgrade alice <-> bob ({}) now on a WebRTC data channel, in {} ms",
+        peer.id,
         started.elapsed().as_millis()
     );
 
@@ -107,7 +108,7 @@ async fn main() -> Result<(), BoxError> {
         .to(bob.id())
         .emit_with_ack("ping", "are you there?")
         .await?;
-    println!("alice   ack reply: {}", reply.to_json::<String>()?);
+    println!("alice   ack reply: {}", reply.decode_json::<String>()?);
 
     alice.close().await;
     bob.close().await;

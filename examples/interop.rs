@@ -93,6 +93,7 @@ fn payload_json(p: &Payload) -> Value {
     match p {
         Payload::Json(v) => json!({ "json": v }),
         Payload::Binary(b) => json!({ "bin": b.len(), "sha256": hex(&Sha256::digest(b)) }),
+        _ => Value::Null,
     }
 }
 
@@ -241,7 +242,7 @@ fn install(name: &str, p2p: &P2p, handled: &[String]) {
                 }
                 "add" => {
                     let sum = e
-                        .json::<Vec<f64>>()
+                        .decode_json::<Vec<f64>>()
                         .map(|v| v.iter().sum::<f64>())
                         .unwrap_or(f64::NAN);
                     e.reply(Payload::Json(json!(sum)));
@@ -272,12 +273,12 @@ fn install(name: &str, p2p: &P2p, handled: &[String]) {
                 json!({"type": "reconnected", "continued": continued})
             }
             PeerEvent::Closed { reason } => json!({"type": "closed", "reason": reason}),
-            PeerEvent::Upgraded { peer } => json!({"type": "upgraded", "who": peer}),
+            PeerEvent::Upgraded { peer } => json!({"type": "upgraded", "who": peer.id}),
             PeerEvent::Downgraded { peer, reason } => {
-                json!({"type": "downgraded", "who": peer, "reason": reason})
+                json!({"type": "downgraded", "who": peer.id, "reason": reason})
             }
             PeerEvent::UpgradeFailed { peer, reason } => {
-                json!({"type": "upgrade_failed", "who": peer, "reason": reason})
+                json!({"type": "upgrade_failed", "who": peer.id, "reason": reason})
             }
             other => json!({"type": format!("{other:?}")}),
         };
@@ -484,7 +485,8 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             let r = match cmd.get("timeout_ms").and_then(Value::as_u64) {
                 Some(ms) => {
                     p.to(&t)
-                        .emit_with_ack_timeout(&event, data, Duration::from_millis(ms))
+                        .timeout(Duration::from_millis(ms))
+                        .emit_with_ack(&event, data)
                         .await
                 }
                 None => p.to(&t).emit_with_ack(&event, data).await,
@@ -524,7 +526,14 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             };
             let r = match &to {
                 Some(t) => p.upgrade_peer(t).await,
-                None => p.upgrade(),
+                // Every peer: start the upgrades, and answer at once.
+                None => {
+                    let p = p.clone();
+                    tokio::spawn(async move {
+                        let _ = p.upgrade().await;
+                    });
+                    Ok(())
+                }
             };
             match r {
                 Ok(()) => done(json!({})),
@@ -539,7 +548,7 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             let r = if str_field(&cmd, "cmd") == Some("kill") {
                 p.kill_data_channel(&t)
             } else {
-                p.downgrade_peer(&t)
+                p.downgrade_peer(&t).await
             };
             match r {
                 Ok(()) => done(json!({})),
@@ -607,7 +616,7 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             match p.subscribe(&topic).await {
                 Ok(mut sub) => {
                     done(json!({}));
-                    while let Some(pb) = sub.recv().await {
+                    while let Some(pb) = sub.next().await {
                         out(json!({"ev": "publication", "peer": name, "topic": pb.topic,
                             "from": pb.from.as_ref().map(info_json), "data": pb.data}));
                     }

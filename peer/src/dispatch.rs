@@ -28,7 +28,7 @@ pub(crate) struct Handlers {
     next_id: u64,
     entries: Vec<Entry>,
     streams: Vec<StreamEntry>,
-    peer_handlers: Vec<PeerHandler>,
+    peer_handlers: Vec<(u64, PeerHandler)>,
     peer_streams: Vec<mpsc::Sender<PeerEvent>>,
 }
 
@@ -67,7 +67,9 @@ impl Registry {
         });
     }
     pub(crate) fn remove_id(&self, id: u64) {
-        self.lock().entries.retain(|e| e.id != id);
+        let mut h = self.lock();
+        h.entries.retain(|e| e.id != id);
+        h.peer_handlers.retain(|(i, _)| *i != id);
     }
     pub(crate) fn stream(
         &self,
@@ -79,8 +81,12 @@ impl Registry {
         self.lock().streams.push(StreamEntry { event, from, tx });
         rx
     }
-    pub(crate) fn on_peer_event(&self, f: PeerHandler) {
-        self.lock().peer_handlers.push(f);
+    pub(crate) fn on_peer_event(&self, f: PeerHandler) -> u64 {
+        let mut h = self.lock();
+        h.next_id += 1;
+        let id = h.next_id;
+        h.peer_handlers.push((id, f));
+        id
     }
     pub(crate) fn peer_stream(&self, cap: usize) -> mpsc::Receiver<PeerEvent> {
         let (tx, rx) = mpsc::channel(cap);
@@ -173,7 +179,7 @@ async fn dispatch_peer_event(registry: &Registry, pe: PeerEvent) {
         h.peer_streams.retain(|s| !s.is_closed());
         (h.peer_handlers.clone(), h.peer_streams.clone())
     };
-    for f in handlers {
+    for (_, f) in handlers {
         f(pe.clone());
     }
     for tx in streams {

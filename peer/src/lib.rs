@@ -29,18 +29,18 @@ mod rtc;
 mod services;
 mod stream;
 mod transport;
+mod handles;
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::Stream;
 use rust_socketio::asynchronous::ClientBuilder;
 use socketio_p2p_signaling::protocol::Op;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{Error, Result};
+pub use handles::{EventStream, FromPeer, PeerEventStream, To};
+pub use rust_socketio;
 pub use options::{DEFAULT_ROOM, IceServer, P2pOptions};
 pub use payload::{Event, Payload, PeerEvent, Transport};
 pub use services::{ServiceRef, Subscription};
@@ -65,16 +65,16 @@ fn reply_to<T: Send + 'static>(tx: oneshot::Sender<Result<T>>) -> Reply<T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HandlerId(u64);
 
-struct Inner {
-    cmds: mpsc::UnboundedSender<Cmd>,
-    credits: Arc<credit::Credits>,
-    max_message_size: usize,
-    registry: Registry,
-    me: PeerInfo,
-    ack_timeout: Duration,
-    events_capacity: usize,
-    streams: mpsc::UnboundedSender<StreamCmd>,
-    incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingStream>>,
+pub(crate) struct Inner {
+    pub(crate) cmds: mpsc::UnboundedSender<Cmd>,
+    pub(crate) credits: Arc<credit::Credits>,
+    pub(crate) max_message_size: usize,
+    pub(crate) registry: Registry,
+    pub(crate) me: PeerInfo,
+    pub(crate) ack_timeout: Duration,
+    pub(crate) events_capacity: usize,
+    pub(crate) streams: mpsc::UnboundedSender<StreamCmd>,
+    pub(crate) incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingStream>>,
 }
 
 /// A peer: the handle to one connection to a `P2pSignaling` server and to every peer met
@@ -82,7 +82,7 @@ struct Inner {
 /// [`P2p::close`].
 #[derive(Clone)]
 pub struct P2p {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for P2p {
@@ -186,18 +186,18 @@ impl P2p {
         self.inner.me.uid.as_deref()
     }
 
-    fn send(&self, cmd: Cmd) -> Result<()> {
+    pub(crate) fn send(&self, cmd: Cmd) -> Result<()> {
         self.inner.cmds.send(cmd).map_err(|_| Error::Closed)
     }
 
-    async fn call<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> {
+    pub(crate) async fn call<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.send(make(reply_to(tx)))?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Serializes a payload here, in the caller's task, and checks its size.
-    fn wire(&self, payload: &Payload) -> Result<WirePayload> {
+    pub(crate) fn wire(&self, payload: &Payload) -> Result<WirePayload> {
         let wire = payload.to_wire()?;
         let size = wire.bytes().len();
         let max = self.inner.max_message_size;
@@ -207,7 +207,7 @@ impl P2p {
         Ok(wire)
     }
 
-    async fn emit_inner(
+    pub(crate) async fn emit_inner(
         &self,
         target: Option<String>,
         event: &str,
@@ -358,7 +358,7 @@ impl P2p {
     /// # async fn run(p2p: socketio_p2p::P2p) -> Result<(), socketio_p2p::Error> {
     /// let mut news = p2p.subscribe("news").await?;
     /// p2p.publish("news", serde_json::json!({"title": "hello"})).await?;
-    /// while let Some(p) = news.recv().await {
+    /// while let Some(p) = news.next().await {
     ///     println!("{:?} from {:?}", p.data, p.from);
     /// }
     /// # Ok(()) }
@@ -438,6 +438,7 @@ impl P2p {
         To {
             p2p: self,
             peer: peer.to_owned(),
+            timeout: self.inner.ack_timeout,
         }
     }
 
@@ -481,8 +482,8 @@ impl P2p {
 
     /// Filters on one sender: `p2p.from(id).on(...)`. Its handlers go away when that peer
     /// disconnects.
-    pub fn from(&self, peer: &str) -> From<'_> {
-        From {
+    pub fn from(&self, peer: &str) -> FromPeer<'_> {
+        FromPeer {
             p2p: self,
             peer: peer.to_owned(),
         }
@@ -513,8 +514,11 @@ impl P2p {
     }
 
     /// Handles lifecycle events.
-    pub fn on_peer_event(&self, handler: impl Fn(PeerEvent) + Send + Sync + 'static) {
-        self.inner.registry.on_peer_event(Arc::new(handler));
+    pub fn on_peer_event(
+        &self,
+        handler: impl Fn(PeerEvent) + Send + Sync + 'static,
+    ) -> HandlerId {
+        HandlerId(self.inner.registry.on_peer_event(Arc::new(handler)))
     }
 
     /// The peers this peer can reach (rooms and pair), sorted by id.
@@ -555,13 +559,17 @@ impl P2p {
         serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
     }
 
-    /// Starts moving every reachable peer onto WebRTC (up to `num_clients`). Watch
-    /// [`PeerEvent::Upgraded`] / [`PeerEvent::UpgradeFailed`], or use [`P2p::upgrade_peer`].
-    pub fn upgrade(&self) -> Result<()> {
-        self.send(Cmd::Upgrade {
-            peer: None,
-            done: None,
-        })
+    /// Moves every reachable peer onto WebRTC (up to `num_clients`) and waits for each
+    /// outcome, like [`P2p::upgrade_peer`] for each peer. A peer whose upgrade fails stays
+    /// on the relay and keeps working. To start upgrades without waiting, spawn it, or
+    /// watch [`PeerEvent::Upgraded`] / [`PeerEvent::UpgradeFailed`].
+    pub async fn upgrade(&self) -> Result<Vec<(String, Result<()>)>> {
+        let peers = self.peers().await?;
+        let ups = peers.into_iter().map(|p| async move {
+            let r = self.upgrade_peer(&p.id).await;
+            (p.id, r)
+        });
+        Ok(futures_util::future::join_all(ups).await)
     }
 
     /// Moves one peer onto WebRTC and waits for the outcome. On failure the peer stays on
@@ -574,11 +582,15 @@ impl P2p {
         .await
     }
 
-    /// Closes the data channel to a peer; traffic goes back to the relay.
-    pub fn downgrade_peer(&self, peer: &str) -> Result<()> {
-        self.send(Cmd::Downgrade {
+    /// Closes the data channel to a peer; traffic goes back to the relay (nothing is lost).
+    /// Returns once the peer is on the relay; [`Error::PeerOffline`] for an unknown peer.
+    /// Auto-upgrade does not undo it: call [`P2p::upgrade_peer`] to go direct again.
+    pub async fn downgrade_peer(&self, peer: &str) -> Result<()> {
+        self.call(|done| Cmd::Downgrade {
             peer: peer.to_owned(),
+            done,
         })
+        .await
     }
 
     /// Test hook: closes the data channel to `peer` abruptly, without telling the peer (as if
@@ -618,142 +630,3 @@ pub fn live_webrtc_connections() -> usize {
     rtc::live_links()
 }
 
-/// Sends to one peer; see [`P2p::to`].
-#[derive(Debug)]
-pub struct To<'a> {
-    p2p: &'a P2p,
-    peer: String,
-}
-
-impl To<'_> {
-    /// Sends an event to this peer (reliable, ordered).
-    pub async fn emit(&self, event: &str, payload: impl Into<Payload>) -> Result<()> {
-        self.p2p
-            .emit_inner(Some(self.peer.clone()), event, payload.into(), false)
-            .await
-    }
-    /// Sends a best-effort event to this peer.
-    pub async fn emit_volatile(&self, event: &str, payload: impl Into<Payload>) -> Result<()> {
-        self.p2p
-            .emit_inner(Some(self.peer.clone()), event, payload.into(), true)
-            .await
-    }
-    /// Sends an event and waits for the reply (the default ack timeout applies).
-    pub async fn emit_with_ack(&self, event: &str, payload: impl Into<Payload>) -> Result<Payload> {
-        self.emit_with_ack_timeout(event, payload, self.p2p.inner.ack_timeout)
-            .await
-    }
-    /// Sends an event and waits at most `timeout` for the reply.
-    pub async fn emit_with_ack_timeout(
-        &self,
-        event: &str,
-        payload: impl Into<Payload>,
-        timeout: Duration,
-    ) -> Result<Payload> {
-        let payload = self.p2p.wire(&payload.into())?;
-        let frames = core::frames_of(&payload);
-        self.p2p
-            .inner
-            .credits
-            .acquire(Some(&self.peer), frames)
-            .await?;
-        self.p2p
-            .call(|reply| Cmd::EmitAck {
-                peer: self.peer.clone(),
-                event: event.to_owned(),
-                payload,
-                frames,
-                timeout,
-                reply,
-            })
-            .await
-    }
-}
-
-/// Listens to one peer; see [`P2p::from`].
-#[derive(Debug)]
-pub struct From<'a> {
-    p2p: &'a P2p,
-    peer: String,
-}
-
-impl From<'_> {
-    /// Handles `event` from this peer only.
-    pub fn on(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.p2p.inner.registry.add(
-            Some(event.to_owned()),
-            Some(self.peer.clone()),
-            false,
-            Arc::new(handler),
-        ))
-    }
-    /// Handles the next `event` from this peer only.
-    pub fn once(&self, event: &str, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.p2p.inner.registry.add(
-            Some(event.to_owned()),
-            Some(self.peer.clone()),
-            true,
-            Arc::new(handler),
-        ))
-    }
-    /// Handles every event from this peer.
-    pub fn on_any(&self, handler: impl Fn(Event) + Send + Sync + 'static) -> HandlerId {
-        HandlerId(self.p2p.inner.registry.add(
-            None,
-            Some(self.peer.clone()),
-            false,
-            Arc::new(handler),
-        ))
-    }
-    /// Removes this peer's handlers of `event`.
-    pub fn off(&self, event: &str) {
-        self.p2p
-            .inner
-            .registry
-            .remove(Some(event), Some(&self.peer));
-    }
-    /// This peer's events as a stream.
-    pub fn events(&self) -> EventStream {
-        EventStream(self.p2p.inner.registry.stream(
-            None,
-            Some(self.peer.clone()),
-            self.p2p.inner.events_capacity,
-        ))
-    }
-}
-
-/// A stream of received events (see [`P2p::events`]). A slow reader slows the senders down.
-#[derive(Debug)]
-pub struct EventStream(mpsc::Receiver<Event>);
-
-impl EventStream {
-    /// The next event (`None` once the `P2p` is closed).
-    pub async fn next(&mut self) -> Option<Event> {
-        self.0.recv().await
-    }
-}
-
-impl Stream for EventStream {
-    type Item = Event;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.0.poll_recv(cx)
-    }
-}
-
-/// A stream of lifecycle events (see [`P2p::peer_events`]).
-#[derive(Debug)]
-pub struct PeerEventStream(mpsc::Receiver<PeerEvent>);
-
-impl PeerEventStream {
-    /// The next lifecycle event.
-    pub async fn next(&mut self) -> Option<PeerEvent> {
-        self.0.recv().await
-    }
-}
-
-impl Stream for PeerEventStream {
-    type Item = PeerEvent;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PeerEvent>> {
-        self.0.poll_recv(cx)
-    }
-}

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 /// One ICE server (STUN or TURN).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IceServer {
     /// URLs, e.g. `stun:stun.example.org:3478` or `turn:turn.example.org:3478`.
     pub urls: Vec<String>,
@@ -52,6 +53,7 @@ impl From<IceServer> for crate::rtc::IceServerConfig {
 /// let opts = P2pOptions::default().room("lobby").auto_upgrade(false).num_clients(10);
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "options do nothing until passed to `P2p::new` or `P2p::connect`"]
 pub struct P2pOptions {
     pub(crate) uid: Option<String>,
     pub(crate) peer_uid: Option<String>,

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 
 /// What an event carries: JSON or raw bytes.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Payload {
     /// A JSON value.
     Json(serde_json::Value),
@@ -18,14 +19,14 @@ pub enum Payload {
 }
 
 impl Payload {
-    /// Serializes any serde value as a JSON payload.
-    pub fn json<T: Serialize + ?Sized>(v: &T) -> Result<Self> {
+    /// Serializes any serde value into a JSON payload.
+    pub fn encode_json<T: Serialize + ?Sized>(v: &T) -> Result<Self> {
         serde_json::to_value(v)
             .map(Payload::Json)
             .map_err(|e| Error::Serde(e.to_string()))
     }
     /// Deserializes a JSON payload into `T`.
-    pub fn to_json<T: DeserializeOwned>(&self) -> Result<T> {
+    pub fn decode_json<T: DeserializeOwned>(&self) -> Result<T> {
         match self {
             Payload::Json(v) => T::deserialize(v).map_err(|e| Error::Serde(e.to_string())),
             Payload::Binary(_) => Err(Error::Serde("payload is binary, not JSON".into())),
@@ -90,6 +91,7 @@ impl From<()> for Payload {
 
 /// Which path carries messages to a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Transport {
     /// Through the Socket.IO server.
     Relay,
@@ -178,9 +180,9 @@ impl Event {
     pub fn payload(&self) -> &Payload {
         &self.payload
     }
-    /// Deserializes a JSON payload.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
-        self.payload.to_json()
+    /// Deserializes a JSON payload into `T`.
+    pub fn decode_json<T: DeserializeOwned>(&self) -> Result<T> {
+        self.payload.decode_json()
     }
     /// The bytes of a binary payload.
     pub fn bytes(&self) -> Option<&Bytes> {
@@ -239,20 +241,20 @@ pub enum PeerEvent {
     },
     /// Messages to this peer now go over a WebRTC data channel.
     Upgraded {
-        /// Peer id.
-        peer: String,
+        /// The peer.
+        peer: PeerInfo,
     },
     /// The data channel to this peer is gone; messages go over the relay again.
     Downgraded {
-        /// Peer id.
-        peer: String,
+        /// The peer.
+        peer: PeerInfo,
         /// Why.
         reason: String,
     },
     /// The upgrade to WebRTC failed; the peer stays on the relay.
     UpgradeFailed {
-        /// Peer id.
-        peer: String,
+        /// The peer.
+        peer: PeerInfo,
         /// Why.
         reason: String,
     },

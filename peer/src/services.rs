@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 
 /// A service as seen by a caller, from [`crate::P2p::service`].
 #[derive(Debug, Clone)]
+#[must_use = "`service` only names a service: call `call` on it"]
 pub struct ServiceRef<'a> {
     pub(crate) p2p: &'a crate::P2p,
     pub(crate) name: String,
@@ -78,7 +79,7 @@ impl Subscription {
     }
 
     /// The next publication; `None` once the `P2p` is closed.
-    pub async fn recv(&mut self) -> Option<Publication> {
+    pub async fn next(&mut self) -> Option<Publication> {
         self.rx.recv().await
     }
 }

@@ -22,7 +22,7 @@ async fn healthy_pair(s: &Server) -> (P2p, P2p) {
 async fn still_works(a: &P2p, b: &P2p) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     b.once("alive", move |ev| {
-        let _ = tx.send(ev.json::<String>().unwrap());
+        let _ = tx.send(ev.decode_json::<String>().unwrap());
     });
     a.emit("alive", "yes").await.unwrap();
     assert_eq!(recv(&mut rx, 10).await, "yes");
@@ -182,7 +182,7 @@ async fn garbage_frames_and_oversized_frames() {
     // good frame of the same batch still goes through.
     let (tx, mut rx) = mpsc::unbounded_channel();
     b.on("chat", move |ev| {
-        let _ = tx.send(ev.json::<String>().unwrap_or_default());
+        let _ = tx.send(ev.decode_json::<String>().unwrap_or_default());
     });
     let garbage = [
         vec![0xff; 10],
@@ -212,7 +212,7 @@ async fn forged_sender_is_overwritten_by_the_server() {
     let (a, b) = healthy_pair(&s).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     b.on("chat", move |ev| {
-        let _ = tx.send((ev.from().to_owned(), ev.json::<String>().unwrap()));
+        let _ = tx.send((ev.from().to_owned(), ev.decode_json::<String>().unwrap()));
     });
     let mut raw = Raw::connect(&s).await;
     let welcome = raw.hello(None, &["ok"]).await;
@@ -311,7 +311,7 @@ async fn nothing_accepted_is_lost_when_a_sender_misbehaves() {
     let (a, b) = healthy_pair(&s).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     b.on("n", move |ev| {
-        let _ = tx.send(ev.json::<u64>().unwrap());
+        let _ = tx.send(ev.decode_json::<u64>().unwrap());
     });
     let mut raw = Raw::connect(&s).await;
     raw.hello(None, &["ok"]).await;

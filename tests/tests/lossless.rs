@@ -25,7 +25,7 @@ fn count(p: &P2p, from: &str) -> Arc<Counter> {
     });
     let c2 = c.clone();
     p.from(from).on("n", move |ev| {
-        let v: u64 = ev.json().unwrap_or(u64::MAX);
+        let v: u64 = ev.decode_json().unwrap_or(u64::MAX);
         if v != c2.next.load(Ordering::SeqCst) {
             c2.bad.fetch_add(1, Ordering::SeqCst);
         }
@@ -112,7 +112,7 @@ async fn data_channel_killed_mid_stream() {
     let downgraded = async {
         loop {
             if let Some(PeerEvent::Downgraded { peer, .. }) = b_events.next().await {
-                assert_eq!(peer, a.id());
+                assert_eq!(peer.id, a.id());
                 return;
             }
         }
@@ -155,7 +155,7 @@ async fn dead_channel_is_replaced_by_a_new_one_with_auto_upgrade() {
     let peer = tokio::time::timeout(Duration::from_secs(20), reup)
         .await
         .expect("never upgraded again");
-    assert_eq!(peer, b.id());
+    assert_eq!(peer.id, b.id());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +174,7 @@ async fn slow_receivers_both_ways() {
                     .await
                     .unwrap()
                     .unwrap();
-                assert_eq!(ev.json::<u64>().unwrap(), i);
+                assert_eq!(ev.decode_json::<u64>().unwrap(), i);
                 if i % 1000 == 0 {
                     tokio::time::sleep(Duration::from_millis(10)).await; // slow on purpose
                 }

@@ -49,7 +49,7 @@ async fn cross_node_relay_events_acks_binary_in_order() {
     assert_eq!(ev.from(), a.id());
     assert_eq!(ev.transport(), Transport::Relay);
     assert_eq!(
-        ev.json::<serde_json::Value>().unwrap(),
+        ev.decode_json::<serde_json::Value>().unwrap(),
         json!({"text": "hi"})
     );
     assert_eq!(
@@ -59,7 +59,7 @@ async fn cross_node_relay_events_acks_binary_in_order() {
 
     // Acks, JSON and binary, both ways.
     b.on("double", |ev| {
-        let n: i64 = ev.json().unwrap_or(0);
+        let n: i64 = ev.decode_json().unwrap_or(0);
         ev.reply(json!(n * 2));
     });
     a.on("rev", |ev| {
@@ -91,7 +91,7 @@ async fn cross_node_relay_events_acks_binary_in_order() {
         a.emit("n", json!(i)).await.unwrap();
     }
     for i in 0..5000u32 {
-        assert_eq!(recv(&mut seq, 20).await.json::<u32>().unwrap(), i);
+        assert_eq!(recv(&mut seq, 20).await.decode_json::<u32>().unwrap(), i);
     }
     eprintln!("5000 events across nodes in {:?}", t.elapsed());
 
@@ -131,7 +131,7 @@ async fn cross_node_rooms_and_presence() {
     .await;
     a.emit("m", "now c too").await.unwrap();
     assert_eq!(
-        recv(&mut at_c, 10).await.json::<String>().unwrap(),
+        recv(&mut at_c, 10).await.decode_json::<String>().unwrap(),
         "now c too"
     );
     // b leaves r1: a is told, b is out of reach.
@@ -247,7 +247,7 @@ async fn node_started_later_sees_existing_peers() {
     let mut got = collect(&a, "m");
     b.emit("m", "from the late node").await.unwrap();
     assert_eq!(
-        recv(&mut got, 10).await.json::<String>().unwrap(),
+        recv(&mut got, 10).await.decode_json::<String>().unwrap(),
         "from the late node"
     );
 }
@@ -268,7 +268,7 @@ async fn cross_node_webrtc_upgrade() {
     assert_eq!(a.transport(b.id()).await.unwrap(), Transport::DataChannel);
     let aid = a.id().to_owned();
     next_event(&mut pe, |ev| match ev {
-        PeerEvent::Upgraded { peer } if peer == aid => Some(()),
+        PeerEvent::Upgraded { peer } if peer.id == aid => Some(()),
         _ => None,
     })
     .await;
@@ -377,12 +377,12 @@ async fn peer_moved_to_another_node_resumes_with_its_id_and_uid() {
     );
     b.emit("m", "from node 2").await.unwrap();
     assert_eq!(
-        recv(&mut at_a, 10).await.json::<String>().unwrap(),
+        recv(&mut at_a, 10).await.decode_json::<String>().unwrap(),
         "from node 2"
     );
     a.to(&bid).emit("m", "to node 2").await.unwrap();
     assert_eq!(
-        recv(&mut at_b, 10).await.json::<String>().unwrap(),
+        recv(&mut at_b, 10).await.decode_json::<String>().unwrap(),
         "to node 2"
     );
     // The uid moved with it, and the end of node 1's grace period (1.5 s) announces nothing:
@@ -403,7 +403,7 @@ async fn peer_moved_to_another_node_resumes_with_its_id_and_uid() {
     assert!(quiet.is_err(), "a was told b disconnected");
     a.to(&bid).emit("m", "still there").await.unwrap();
     assert_eq!(
-        recv(&mut at_b, 10).await.json::<String>().unwrap(),
+        recv(&mut at_b, 10).await.decode_json::<String>().unwrap(),
         "still there"
     );
 }
@@ -459,7 +459,7 @@ async fn nodes_built_on_the_socketioxide_redis_adapter() {
     let mut got = collect(&b, "m");
     a.emit("m", "over the adapter").await.unwrap();
     assert_eq!(
-        recv(&mut got, 10).await.json::<String>().unwrap(),
+        recv(&mut got, 10).await.decode_json::<String>().unwrap(),
         "over the adapter"
     );
     b.on("q", |ev| {
@@ -594,7 +594,7 @@ async fn cross_node_topics() {
         let mut from_a = Vec::new();
         let mut from_server = 0;
         for _ in 0..51 {
-            let p = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            let p = tokio::time::timeout(Duration::from_secs(10), sub.next())
                 .await
                 .unwrap()
                 .unwrap();
@@ -640,7 +640,7 @@ async fn a_full_forwarding_queue_slows_senders_down_without_loss() {
             .await
             .expect("events stopped arriving")
             .unwrap();
-        assert_eq!(ev.json::<u64>().unwrap(), i);
+        assert_eq!(ev.decode_json::<u64>().unwrap(), i);
     }
     sender.await.unwrap();
 }

@@ -39,7 +39,7 @@ async fn two_peers_chat_json_and_binary() {
     assert_eq!(ev.from(), a.id());
     assert_eq!(ev.transport(), Transport::Relay);
     assert_eq!(
-        ev.json::<serde_json::Value>().unwrap(),
+        ev.decode_json::<serde_json::Value>().unwrap(),
         json!({"text": "hi", "n": 1})
     );
     let ev = recv(&mut bin, 10).await;
@@ -58,13 +58,13 @@ async fn targeted_send_reaches_only_its_target() {
     let mut at_c = collect(&c, "x");
     a.to(c.id()).emit("x", "for c").await.unwrap();
     a.emit("x", "for all").await.unwrap();
-    assert_eq!(recv(&mut at_c, 10).await.json::<String>().unwrap(), "for c");
+    assert_eq!(recv(&mut at_c, 10).await.decode_json::<String>().unwrap(), "for c");
     assert_eq!(
-        recv(&mut at_c, 10).await.json::<String>().unwrap(),
+        recv(&mut at_c, 10).await.decode_json::<String>().unwrap(),
         "for all"
     );
     assert_eq!(
-        recv(&mut at_b, 10).await.json::<String>().unwrap(),
+        recv(&mut at_b, 10).await.decode_json::<String>().unwrap(),
         "for all"
     );
     assert!(at_b.try_recv().is_err(), "b got c's message");
@@ -79,7 +79,7 @@ async fn acks_reply_timeout_no_handler_and_peer_offline() {
     let b = peer(&s, relay_opts()).await;
     wait_peers(&a, 1).await;
     b.on("double", |ev| {
-        let n: i64 = ev.json().unwrap_or(0);
+        let n: i64 = ev.decode_json().unwrap_or(0);
         ev.reply(json!(n * 2));
     });
     let r = a
@@ -186,7 +186,7 @@ async fn from_on_any_once_off_and_streams() {
     wait_peers(&b, 2).await;
     let (tx, mut from_a) = mpsc::unbounded_channel();
     c.from(a.id()).on("m", move |ev| {
-        let _ = tx.send(ev.json::<String>().unwrap());
+        let _ = tx.send(ev.decode_json::<String>().unwrap());
     });
     let any = Arc::new(AtomicUsize::new(0));
     let any2 = any.clone();
@@ -209,7 +209,7 @@ async fn from_on_any_once_off_and_streams() {
             .await
             .unwrap()
             .unwrap();
-        seen.push(ev.json::<String>().unwrap());
+        seen.push(ev.decode_json::<String>().unwrap());
     }
     seen.sort();
     assert_eq!(seen, vec!["from a", "from b"]);
@@ -352,7 +352,7 @@ async fn rooms_scope_events_and_presence() {
     }
     a.emit("m", "now c too").await.unwrap();
     assert_eq!(
-        recv(&mut at_c, 10).await.json::<String>().unwrap(),
+        recv(&mut at_c, 10).await.decode_json::<String>().unwrap(),
         "now c too"
     );
     // b leaves: a is told; b no longer reachable.
@@ -415,7 +415,7 @@ async fn burst_of_100k_arrives_complete_and_in_order() {
     let bad = Arc::new(AtomicUsize::new(0));
     let (n2, b2) = (next.clone(), bad.clone());
     b.on("n", move |ev| {
-        let v: u64 = ev.json().unwrap_or(u64::MAX);
+        let v: u64 = ev.decode_json().unwrap_or(u64::MAX);
         if v != n2.load(Ordering::SeqCst) as u64 {
             b2.fetch_add(1, Ordering::SeqCst);
         }
@@ -458,7 +458,7 @@ async fn slow_receiver_slows_the_sender_without_loss() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(ev.json::<u64>().unwrap(), i);
+        assert_eq!(ev.decode_json::<u64>().unwrap(), i);
         if i % 100 == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await; // a slow reader, on purpose
         }

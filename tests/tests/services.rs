@@ -181,7 +181,7 @@ async fn topics_deliver_each_publication_once_and_unsubscribe_on_drop_and_discon
     assert_eq!(s.signaling.publish("news", json!("from the server")), 3);
     for sub in [&mut sa, &mut sb, &mut sb2] {
         for i in 0..100 {
-            let p = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            let p = tokio::time::timeout(Duration::from_secs(10), sub.next())
                 .await
                 .unwrap()
                 .unwrap();
@@ -189,7 +189,7 @@ async fn topics_deliver_each_publication_once_and_unsubscribe_on_drop_and_discon
             assert_eq!(p.data, json!({ "n": i }), "out of order or duplicated");
             assert_eq!(p.from.as_ref().map(|f| f.id.as_str()), Some(a.id()));
         }
-        let p = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        let p = tokio::time::timeout(Duration::from_secs(10), sub.next())
             .await
             .unwrap()
             .unwrap();
@@ -201,7 +201,7 @@ async fn topics_deliver_each_publication_once_and_unsubscribe_on_drop_and_discon
     assert!(wait_until(10, || async { s.signaling.subscribers("news") == 2 }).await);
     drop(sb2);
     assert_eq!(b.publish("news", "still here").await.unwrap(), 2);
-    let p = tokio::time::timeout(Duration::from_secs(10), sb.recv())
+    let p = tokio::time::timeout(Duration::from_secs(10), sb.next())
         .await
         .unwrap()
         .unwrap();
@@ -241,7 +241,7 @@ async fn services_and_subscriptions_come_back_after_a_server_restart() {
         })
         .await
     );
-    let p = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+    let p = tokio::time::timeout(Duration::from_secs(10), sub.next())
         .await
         .unwrap()
         .unwrap();

@@ -113,7 +113,7 @@ async fn mixed_room_of_binary_and_base64_clients() {
         let _ = tx.send((ev.from().to_owned(), ev.payload().clone(), ev.transport()));
     });
     a.on("double", |ev| {
-        let n: i64 = ev.json().unwrap_or(0);
+        let n: i64 = ev.decode_json().unwrap_or(0);
         ev.reply(json!(n * 2));
     });
 

@@ -55,7 +55,7 @@ pub(crate) enum Command {
         done: Option<Reply<()>>,
     },
     /// Back to the relay with this peer.
-    Downgrade { peer: String },
+    Downgrade { peer: String, done: Reply<()> },
     /// Test hook: the data channel dies without a word to the peer.
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     Kill { peer: String },

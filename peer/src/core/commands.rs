@@ -162,12 +162,13 @@ impl Core {
     fn on_peer_command(&mut self, c: Command) {
         match c {
             Command::Upgrade { peer, done } => self.start_upgrades(peer, done),
-            Command::Downgrade { peer } => {
+            Command::Downgrade { peer, done } => {
                 let acts = match self.peers.get_mut(&peer) {
                     Some(p) => p.neg.hang_up(Reason::Application),
-                    None => vec![],
+                    None => return done(Err(Error::PeerOffline(peer))),
                 };
                 self.run_actions(&peer, acts);
+                done(Ok(()));
             }
             Command::Kill { peer } => {
                 let acts = match self.peers.get_mut(&peer) {

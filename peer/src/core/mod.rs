@@ -423,6 +423,7 @@ impl Core {
             Command::Peers { reply } => reply(Ok(Vec::new())),
             Command::LiveConnections { reply } => reply(Ok(0)),
             Command::Close { done } => done(Ok(())),
+            Command::Downgrade { done, .. } => done(Err(Error::Closed)),
             Command::Subscribe { reply, .. } => reply(Err(Error::Closed)),
             Command::Stream(streams::StreamCmd::Open { reply, .. }) => reply(Err(Error::Closed)),
             Command::Stream(streams::StreamCmd::Count(reply)) => reply(Ok(0)),

@@ -9,6 +9,10 @@ use crate::error::Error;
 use crate::payload::{PeerEvent, Transport};
 
 impl Core {
+    fn info_of(&self, id: &str) -> Option<PeerInfo> {
+        self.peers.get(id).map(|p| p.info.clone())
+    }
+
     fn active_channels(&self) -> usize {
         self.peers.values().filter(|p| p.neg.active()).count()
     }
@@ -198,9 +202,9 @@ impl Core {
             self.dirty.insert(id.to_owned());
         }
         self.credit(CreditOp::SetRelay(id.to_owned(), false));
-        self.peer_event(PeerEvent::Upgraded {
-            peer: id.to_owned(),
-        });
+        if let Some(peer) = self.info_of(id) {
+            self.peer_event(PeerEvent::Upgraded { peer });
+        }
     }
 
     fn downgraded(&mut self, id: &str, reason: Reason) {
@@ -211,10 +215,10 @@ impl Core {
         }
         self.schedule_retry(id, &reason);
         self.credit(CreditOp::SetRelay(id.to_owned(), true));
-        self.peer_event(PeerEvent::Downgraded {
-            peer: id.to_owned(),
-            reason: reason.to_string(),
-        });
+        if let Some(peer) = self.info_of(id) {
+            let reason = reason.to_string();
+            self.peer_event(PeerEvent::Downgraded { peer, reason });
+        }
     }
 
     fn failed(&mut self, id: &str, reason: Reason) {
@@ -224,10 +228,10 @@ impl Core {
                 w(Err(Error::WebRtc(reason.to_string())));
             }
         }
-        self.peer_event(PeerEvent::UpgradeFailed {
-            peer: id.to_owned(),
-            reason: reason.to_string(),
-        });
+        if let Some(peer) = self.info_of(id) {
+            let reason = reason.to_string();
+            self.peer_event(PeerEvent::UpgradeFailed { peer, reason });
+        }
     }
 
     /// With auto-upgrade, tries again after the peer's backoff (unless someone said no).
