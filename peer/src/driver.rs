@@ -13,10 +13,9 @@ use crate::core::{Command, Core, CreditOp, Delivery, Input, NetIn, Output, RtcRe
 use crate::credit::Credits;
 use crate::error::Result;
 use crate::payload::{Event, PeerEvent, ReplySender, Responder};
-use crate::rtc::RtcEvent;
 use crate::stream::{IncomingStream, P2pStream};
 use crate::transport::relay::Relay;
-use crate::transport::webrtc::{WebRtc, report_of};
+use crate::transport::webrtc::{RtcConfig, RtcEvent, WebRtc, report_of};
 
 /// Inputs of one kind handled in one turn of the loop (what one flush then batches).
 const DRAIN: usize = 255;
@@ -41,7 +40,7 @@ pub(crate) struct Outbox {
 /// How peer connections are made: their configuration, and a test hook that makes every
 /// offer and answer wait this long first.
 pub(crate) struct RtcSetup {
-    pub(crate) cfg: crate::rtc::RtcConfig,
+    pub(crate) cfg: RtcConfig,
     pub(crate) hang: std::time::Duration,
 }
 

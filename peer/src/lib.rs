@@ -23,13 +23,14 @@ mod credit;
 mod dispatch;
 mod driver;
 mod error;
+mod handles;
 mod options;
 mod payload;
+#[cfg(feature = "webrtc")]
 mod rtc;
 mod services;
 mod stream;
 mod transport;
-mod handles;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,9 +41,9 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use error::{Error, Result};
 pub use handles::{EventStream, FromPeer, PeerEventStream, To};
-pub use rust_socketio;
 pub use options::{DEFAULT_ROOM, IceServer, P2pOptions};
 pub use payload::{Event, Payload, PeerEvent, Transport};
+pub use rust_socketio;
 pub use services::{ServiceRef, Subscription};
 pub use socketio_p2p_signaling::protocol::Publication;
 use socketio_p2p_signaling::protocol::WirePayload;
@@ -190,7 +191,10 @@ impl P2p {
         self.inner.cmds.send(cmd).map_err(|_| Error::Closed)
     }
 
-    pub(crate) async fn call<T: Send + 'static>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> {
+    pub(crate) async fn call<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Cmd,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.send(make(reply_to(tx)))?;
         rx.await.map_err(|_| Error::Closed)?
@@ -514,10 +518,7 @@ impl P2p {
     }
 
     /// Handles lifecycle events.
-    pub fn on_peer_event(
-        &self,
-        handler: impl Fn(PeerEvent) + Send + Sync + 'static,
-    ) -> HandlerId {
+    pub fn on_peer_event(&self, handler: impl Fn(PeerEvent) + Send + Sync + 'static) -> HandlerId {
         HandlerId(self.inner.registry.on_peer_event(Arc::new(handler)))
     }
 
@@ -627,6 +628,5 @@ impl P2p {
 /// Number of WebRTC peer connections alive in this process (all `P2p`s), for leak checks.
 #[cfg(feature = "test-hooks")]
 pub fn live_webrtc_connections() -> usize {
-    rtc::live_links()
+    transport::webrtc::live_links()
 }
-

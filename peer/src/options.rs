@@ -36,6 +36,7 @@ impl IceServer {
     }
 }
 
+#[cfg(feature = "webrtc")]
 impl From<IceServer> for crate::rtc::IceServerConfig {
     fn from(s: IceServer) -> Self {
         Self {
@@ -54,6 +55,7 @@ impl From<IceServer> for crate::rtc::IceServerConfig {
 /// ```
 #[derive(Debug, Clone)]
 #[must_use = "options do nothing until passed to `P2p::new` or `P2p::connect`"]
+#[cfg_attr(not(feature = "webrtc"), allow(dead_code))]
 pub struct P2pOptions {
     pub(crate) uid: Option<String>,
     pub(crate) peer_uid: Option<String>,
@@ -97,7 +99,7 @@ impl Default for P2pOptions {
             ack_timeout: Duration::from_secs(10),
             max_message_size: 64 * 1024 * 1024,
             window: 256,
-            auto_upgrade: true,
+            auto_upgrade: cfg!(feature = "webrtc"),
             num_clients: 5,
             upgrade_timeout: Duration::from_secs(5),
             dc_timeout: Duration::from_secs(3),
@@ -271,6 +273,12 @@ impl P2pOptions {
         self
     }
 
+    #[cfg(not(feature = "webrtc"))]
+    pub(crate) fn rtc_config(&self) -> crate::transport::webrtc::RtcConfig {
+        crate::transport::webrtc::RtcConfig
+    }
+
+    #[cfg(feature = "webrtc")]
     pub(crate) fn rtc_config(&self) -> crate::rtc::RtcConfig {
         crate::rtc::RtcConfig {
             ice_servers: self.ice_servers.iter().cloned().map(Into::into).collect(),

@@ -58,7 +58,10 @@ async fn targeted_send_reaches_only_its_target() {
     let mut at_c = collect(&c, "x");
     a.to(c.id()).emit("x", "for c").await.unwrap();
     a.emit("x", "for all").await.unwrap();
-    assert_eq!(recv(&mut at_c, 10).await.decode_json::<String>().unwrap(), "for c");
+    assert_eq!(
+        recv(&mut at_c, 10).await.decode_json::<String>().unwrap(),
+        "for c"
+    );
     assert_eq!(
         recv(&mut at_c, 10).await.decode_json::<String>().unwrap(),
         "for all"

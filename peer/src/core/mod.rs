@@ -99,6 +99,7 @@ pub(crate) enum RtcOp {
 
 /// What a peer connection reports.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "webrtc"), allow(dead_code))]
 pub(crate) enum RtcReport {
     /// Our offer, to send.
     Offer(String),

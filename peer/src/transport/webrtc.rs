@@ -11,7 +11,14 @@ use socketio_p2p_signaling::protocol::Signal;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{RtcOp, RtcReport};
-use crate::rtc::{CandidateInit, RtcConfig, RtcEvent, RtcLink};
+use crate::rtc::{CandidateInit, RtcLink};
+pub(crate) use crate::rtc::{RtcConfig, RtcEvent};
+
+/// Peer connections alive in this process (all `P2p`s).
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+pub(crate) fn live_links() -> usize {
+    crate::rtc::live_links()
+}
 
 /// Reports of the carrier: (connection key, report).
 pub(crate) type Reports = mpsc::UnboundedSender<(u64, RtcReport)>;
