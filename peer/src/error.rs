@@ -1,4 +1,6 @@
 //! Errors of the peer crate.
+use std::sync::Arc;
+
 use socketio_p2p_signaling::protocol::ErrorCode;
 
 /// Everything that can go wrong for a [`crate::P2p`] call.
@@ -42,10 +44,10 @@ pub enum Error {
     },
     /// A payload could not be (de)serialized as the requested type.
     #[error("serialization: {0}")]
-    Serde(String),
+    Serde(#[source] Cause),
     /// The Socket.IO connection could not be made or failed.
     #[error("connection: {0}")]
-    Connection(String),
+    Connection(#[source] Cause),
     /// The [`crate::P2p`] is closed (its actor stopped).
     #[error("closed")]
     Closed,
@@ -91,3 +93,49 @@ impl Error {
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The cause of an [`Error`]: the underlying error, kept as a source (cheap to clone;
+/// two causes are equal when they read the same).
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    /// Keeps `e` as the cause.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Cause(Arc::new(e))
+    }
+
+    /// A cause that is only a message.
+    pub fn msg(text: impl Into<String>) -> Self {
+        #[derive(Debug, thiserror::Error)]
+        #[error("{0}")]
+        struct Message(String);
+        Cause::new(Message(text.into()))
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for Cause {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for Cause {}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Serde(Cause::new(e))
+    }
+}

@@ -39,7 +39,7 @@ use rust_socketio::asynchronous::ClientBuilder;
 use socketio_p2p_signaling::protocol::Op;
 use tokio::sync::{mpsc, oneshot};
 
-pub use error::{Error, Result};
+pub use error::{Cause, Error, Result};
 pub use handles::{EventStream, FromPeer, PeerEventStream, To};
 pub use options::{DEFAULT_ROOM, IceServer, P2pOptions};
 pub use payload::{Event, Payload, PeerEvent, Transport};
@@ -123,7 +123,7 @@ impl P2p {
         let client = builder
             .connect()
             .await
-            .map_err(|e| Error::Connection(e.to_string()))?;
+            .map_err(|e| Error::Connection(Cause::new(e)))?;
 
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::channel(opts.events_capacity);
@@ -388,7 +388,7 @@ impl P2p {
     /// Publishes `data` to every subscriber of `topic` (this peer too, if subscribed), each
     /// once. Returns how many subscribers it reached.
     pub async fn publish(&self, topic: &str, data: impl serde::Serialize) -> Result<usize> {
-        let data = serde_json::to_value(data).map_err(|e| Error::Serde(e.to_string()))?;
+        let data = serde_json::to_value(data).map_err(Error::from)?;
         let v = self
             .request(Op::Publish {
                 topic: topic.to_owned(),
@@ -538,7 +538,7 @@ impl P2p {
                 room: room.to_owned(),
             })
             .await?;
-        serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
+        serde_json::from_value(v).map_err(Error::from)
     }
 
     /// Leaves a room.
@@ -557,7 +557,7 @@ impl P2p {
                 room: room.to_owned(),
             })
             .await?;
-        serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
+        serde_json::from_value(v).map_err(Error::from)
     }
 
     /// Moves every reachable peer onto WebRTC (up to `num_clients`) and waits for each

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use serde::{Serialize, de::DeserializeOwned};
 use socketio_p2p_signaling::protocol::{PeerInfo, WirePayload};
 
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 
 /// What an event carries: JSON or raw bytes.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,13 +23,13 @@ impl Payload {
     pub fn encode_json<T: Serialize + ?Sized>(v: &T) -> Result<Self> {
         serde_json::to_value(v)
             .map(Payload::Json)
-            .map_err(|e| Error::Serde(e.to_string()))
+            .map_err(Error::from)
     }
     /// Deserializes a JSON payload into `T`.
     pub fn decode_json<T: DeserializeOwned>(&self) -> Result<T> {
         match self {
-            Payload::Json(v) => T::deserialize(v).map_err(|e| Error::Serde(e.to_string())),
-            Payload::Binary(_) => Err(Error::Serde("payload is binary, not JSON".into())),
+            Payload::Json(v) => T::deserialize(v).map_err(Error::from),
+            Payload::Binary(_) => Err(Error::Serde(Cause::msg("payload is binary, not JSON"))),
         }
     }
     /// The bytes of a binary payload.
@@ -42,7 +42,7 @@ impl Payload {
     pub(crate) fn to_wire(&self) -> Result<WirePayload> {
         Ok(match self {
             Payload::Json(v) => WirePayload::Json(Bytes::from(
-                serde_json::to_vec(v).map_err(|e| Error::Serde(e.to_string()))?,
+                serde_json::to_vec(v).map_err(Error::from)?,
             )),
             Payload::Binary(b) => WirePayload::Binary(b.clone()),
         })
@@ -51,7 +51,7 @@ impl Payload {
         Ok(match w {
             WirePayload::Json(b) if b.is_empty() => Payload::Json(serde_json::Value::Null),
             WirePayload::Json(b) => {
-                Payload::Json(serde_json::from_slice(&b).map_err(|e| Error::Serde(e.to_string()))?)
+                Payload::Json(serde_json::from_slice(&b).map_err(Error::from)?)
             }
             WirePayload::Binary(b) => Payload::Binary(b),
         })

@@ -37,7 +37,7 @@ impl ServiceRef<'_> {
     /// method failed, does not exist (`UnknownMethod`) or its arguments did not fit
     /// (`BadArgs`)), [`Error::Serde`] (the result is not an `R`).
     pub async fn call<R: DeserializeOwned>(&self, method: &str, args: impl Serialize) -> Result<R> {
-        let args = serde_json::to_value(args).map_err(|e| Error::Serde(e.to_string()))?;
+        let args = serde_json::to_value(args).map_err(Error::from)?;
         let op = Op::Call {
             service: self.name.clone(),
             method: method.to_owned(),
@@ -51,13 +51,13 @@ impl ServiceRef<'_> {
             .await?;
         match serde_json::from_value::<CallOutcome>(v) {
             Ok(CallOutcome::Ok(v)) => {
-                serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
+                serde_json::from_value(v).map_err(Error::from)
             }
             Ok(CallOutcome::Error(e)) => Err(Error::Remote {
                 code: e.code,
                 message: e.message,
             }),
-            Err(e) => Err(Error::Serde(e.to_string())),
+            Err(e) => Err(Error::from(e)),
         }
     }
 }

@@ -9,7 +9,7 @@ use socketio_p2p_signaling::protocol::{
 use super::negotiate::{Action, Reason};
 use super::peer::Peer;
 use super::{Core, CreditOp, NetIn, Output, Phase, ReqKind, Timer};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 use crate::payload::{PeerEvent, Transport};
 
 /// Parses a JSON message of the server, logging what does not parse.
@@ -562,7 +562,7 @@ impl Core {
         self.credit(CreditOp::Close);
         if !self.announced {
             self.announced = true;
-            self.emit(Output::Ready(Err(Error::Connection(reason.to_owned()))));
+            self.emit(Output::Ready(Err(Error::Connection(Cause::msg(reason)))));
         }
         // What is queued for the relay still goes (acks, replies of this turn).
         self.flush_relay();
@@ -601,7 +601,7 @@ impl Core {
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(v: Json) -> Result<T> {
-    serde_json::from_value(v).map_err(|e| Error::Serde(e.to_string()))
+    serde_json::from_value(v).map_err(Error::from)
 }
 
 pub(super) fn rand_nonce() -> u64 {
