@@ -138,7 +138,7 @@ impl P2p {
         let ack_timeout = opts.ack_timeout;
         let events_capacity = opts.events_capacity;
         let rtc = driver::RtcSetup {
-            cfg: opts.rtc_config(),
+            cfg: transport::webrtc::config_of(&opts),
             hang: opts.rtc_hang,
         };
         let core = core::Core::new(opts, tokio::time::Instant::now().into_std());

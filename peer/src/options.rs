@@ -36,16 +36,6 @@ impl IceServer {
     }
 }
 
-#[cfg(feature = "webrtc")]
-impl From<IceServer> for crate::rtc::IceServerConfig {
-    fn from(s: IceServer) -> Self {
-        Self {
-            urls: s.urls,
-            username: s.username,
-            credential: s.credential,
-        }
-    }
-}
 
 /// Options for [`crate::P2p::new`]. Start from `P2pOptions::default()` and chain setters.
 ///
@@ -271,22 +261,6 @@ impl P2pOptions {
     pub fn hang_webrtc(mut self, d: Duration) -> Self {
         self.rtc_hang = d;
         self
-    }
-
-    #[cfg(not(feature = "webrtc"))]
-    pub(crate) fn rtc_config(&self) -> crate::transport::webrtc::RtcConfig {
-        crate::transport::webrtc::RtcConfig
-    }
-
-    #[cfg(feature = "webrtc")]
-    pub(crate) fn rtc_config(&self) -> crate::rtc::RtcConfig {
-        crate::rtc::RtcConfig {
-            ice_servers: self.ice_servers.iter().cloned().map(Into::into).collect(),
-            loopback_only: self.loopback_only,
-            disable_mdns: self.disable_mdns,
-            trickle: self.trickle,
-            block_all_candidates: self.block_all_candidates,
-        }
     }
 
     pub(crate) fn effective_rooms(&self) -> Vec<String> {

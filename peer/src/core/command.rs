@@ -4,18 +4,12 @@ use std::time::Duration;
 
 use serde_json::Value as Json;
 use socketio_p2p_signaling::Service;
-use socketio_p2p_signaling::protocol::{CallOutcome, Op, PeerInfo, Publication, WirePayload};
+use socketio_p2p_signaling::protocol::{CallOutcome, Op, PeerInfo, WirePayload};
 
 use super::streams::StreamCmd;
-use crate::error::Result;
 use crate::payload::{Payload, Transport};
 
-/// Where the answer to one command goes. The core calls it exactly once (or drops it when
-/// the `P2p` shuts down without an answer, which the waiting side sees as `Closed`).
-pub(crate) type Reply<T> = Box<dyn FnOnce(Result<T>) + Send>;
-
-/// Where publications of a topic go; returns false once the subscriber is gone.
-pub(crate) type TopicSink = Box<dyn FnMut(Publication) -> bool + Send>;
+pub(crate) use super::reply::{Reply, TopicSink};
 
 /// Commands from `P2p` handles.
 pub(crate) enum Command {

@@ -26,6 +26,7 @@ mod frames;
 pub(crate) mod link;
 pub(crate) mod negotiate;
 mod peer;
+pub(crate) mod reply;
 pub(crate) mod services;
 mod session;
 pub(crate) mod streams;

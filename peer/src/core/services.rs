@@ -5,7 +5,7 @@ use std::sync::Arc;
 use socketio_p2p_signaling::Service;
 use socketio_p2p_signaling::protocol::Publication;
 
-use super::command::TopicSink;
+use super::reply::TopicSink;
 
 /// Services this peer provides and topics it is subscribed to (owned by the core).
 #[derive(Default)]

@@ -18,7 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use socketio_p2p_signaling::protocol::{Msg, StreamOp};
 
-use super::command::Reply;
+use super::reply::Reply;
 use super::link::CHUNK;
 use crate::error::Error;
 

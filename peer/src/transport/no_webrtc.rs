@@ -12,6 +12,11 @@ pub(crate) struct RtcConfig;
 #[derive(Debug)]
 pub(crate) enum RtcEvent {}
 
+/// No settings to take from the options.
+pub(crate) fn config_of(_opts: &crate::options::P2pOptions) -> RtcConfig {
+    RtcConfig
+}
+
 /// Reports of the carrier: (connection key, report).
 pub(crate) type Reports = mpsc::UnboundedSender<(u64, RtcReport)>;
 

@@ -11,13 +11,33 @@ use socketio_p2p_signaling::protocol::Signal;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{RtcOp, RtcReport};
-use crate::rtc::{CandidateInit, RtcLink};
+use crate::options::P2pOptions;
+use crate::rtc::{CandidateInit, IceServerConfig, RtcLink};
 pub(crate) use crate::rtc::{RtcConfig, RtcEvent};
 
 /// Peer connections alive in this process (all `P2p`s).
 #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 pub(crate) fn live_links() -> usize {
     crate::rtc::live_links()
+}
+
+/// The peer connections' settings, from the options.
+pub(crate) fn config_of(opts: &P2pOptions) -> RtcConfig {
+    RtcConfig {
+        ice_servers: opts
+            .ice_servers
+            .iter()
+            .map(|s| IceServerConfig {
+                urls: s.urls.clone(),
+                username: s.username.clone(),
+                credential: s.credential.clone(),
+            })
+            .collect(),
+        loopback_only: opts.loopback_only,
+        disable_mdns: opts.disable_mdns,
+        trickle: opts.trickle,
+        block_all_candidates: opts.block_all_candidates,
+    }
 }
 
 /// Reports of the carrier: (connection key, report).
