@@ -151,8 +151,12 @@ impl Driver {
                 }
             }
             Some((key, ev)) = self.rtc_events.recv() => {
-                if let Some(report) = report_of(ev) {
-                    self.input(Input::Rtc { key, report });
+                self.rtc_event(key, ev);
+                for _ in 0..DRAIN {
+                    match self.rtc_events.try_recv() {
+                        Ok((key, ev)) => self.rtc_event(key, ev),
+                        Err(_) => break,
+                    }
                 }
             }
             Some((key, report)) = self.rtc_reports.recv() => self.input(Input::Rtc { key, report }),
@@ -173,6 +177,12 @@ impl Driver {
                 None => self.input(Input::HandlesGone),
             },
             _ = sleep => self.input(Input::Timeout),
+        }
+    }
+
+    fn rtc_event(&mut self, key: u64, ev: RtcEvent) {
+        if let Some(report) = report_of(ev) {
+            self.input(Input::Rtc { key, report });
         }
     }
 
