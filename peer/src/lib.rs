@@ -29,6 +29,7 @@ mod payload;
 #[cfg(feature = "webrtc")]
 mod rtc;
 mod services;
+mod stats;
 mod stream;
 mod transport;
 
@@ -49,6 +50,7 @@ pub use socketio_p2p_signaling::protocol::Publication;
 use socketio_p2p_signaling::protocol::WirePayload;
 pub use socketio_p2p_signaling::protocol::{ErrorCode, PeerInfo};
 pub use socketio_p2p_signaling::{Service, ServiceError};
+pub use stats::{CandidateKind, CandidatePair, Path, PeerStats, UpgradeFailure};
 pub use stream::{IncomingStream, P2pStream};
 
 use crate::core::streams::StreamCmd;
@@ -601,6 +603,17 @@ impl P2p {
         self.send(Cmd::Kill {
             peer: peer.to_owned(),
         })
+    }
+
+    /// Counters and state of one peer: transport and path (relay, direct, TURN), the data
+    /// channel's candidates, round trip, frames and bytes each way, resends, and why the
+    /// last upgrade failed. [`Error::PeerOffline`] for an unknown peer.
+    pub async fn stats(&self, peer: &str) -> Result<PeerStats> {
+        self.call(|reply| Cmd::Stats {
+            peer: peer.to_owned(),
+            reply,
+        })
+        .await
     }
 
     /// The transport currently used with a peer.

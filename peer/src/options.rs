@@ -36,7 +36,6 @@ impl IceServer {
     }
 }
 
-
 /// Options for [`crate::P2p::new`]. Start from `P2pOptions::default()` and chain setters.
 ///
 /// ```

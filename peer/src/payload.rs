@@ -41,18 +41,16 @@ impl Payload {
     }
     pub(crate) fn to_wire(&self) -> Result<WirePayload> {
         Ok(match self {
-            Payload::Json(v) => WirePayload::Json(Bytes::from(
-                serde_json::to_vec(v).map_err(Error::from)?,
-            )),
+            Payload::Json(v) => {
+                WirePayload::Json(Bytes::from(serde_json::to_vec(v).map_err(Error::from)?))
+            }
             Payload::Binary(b) => WirePayload::Binary(b.clone()),
         })
     }
     pub(crate) fn from_wire(w: WirePayload) -> Result<Self> {
         Ok(match w {
             WirePayload::Json(b) if b.is_empty() => Payload::Json(serde_json::Value::Null),
-            WirePayload::Json(b) => {
-                Payload::Json(serde_json::from_slice(&b).map_err(Error::from)?)
-            }
+            WirePayload::Json(b) => Payload::Json(serde_json::from_slice(&b).map_err(Error::from)?),
             WirePayload::Binary(b) => Payload::Binary(b),
         })
     }
@@ -257,6 +255,14 @@ pub enum PeerEvent {
         peer: PeerInfo,
         /// Why.
         reason: String,
+    },
+    /// The path to a peer changed: a data channel opened (direct or through TURN, once
+    /// its candidates are known) or closed (back to the relay).
+    PathChanged {
+        /// The peer.
+        peer: PeerInfo,
+        /// The new path.
+        path: crate::stats::Path,
     },
     /// The server connection broke; the client is reconnecting. Peers on data channels
     /// keep talking meanwhile; what goes through the relay waits (and is sent again once

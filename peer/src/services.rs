@@ -50,9 +50,7 @@ impl ServiceRef<'_> {
             .call(|reply| Cmd::Call { op, timeout, reply })
             .await?;
         match serde_json::from_value::<CallOutcome>(v) {
-            Ok(CallOutcome::Ok(v)) => {
-                serde_json::from_value(v).map_err(Error::from)
-            }
+            Ok(CallOutcome::Ok(v)) => serde_json::from_value(v).map_err(Error::from),
             Ok(CallOutcome::Error(e)) => Err(Error::Remote {
                 code: e.code,
                 message: e.message,

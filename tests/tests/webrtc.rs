@@ -373,3 +373,42 @@ async fn a_hung_webrtc_stack_stalls_nobody() {
     assert!(started.elapsed() < within, "took {:?}", started.elapsed());
     battery(&b, &c, Transport::DataChannel).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_say_what_a_peer_is_on() {
+    use socketio_p2p::{CandidateKind, Path, UpgradeFailure};
+    let s = spawn_server().await;
+    let a = peer(&s, rtc_opts()).await;
+    let b = peer(&s, rtc_opts()).await;
+    wait_peers(&a, 1).await;
+    let mut events = a.peer_events();
+    let st = a.stats(b.id()).await.unwrap();
+    assert_eq!((st.transport, st.path), (Transport::Relay, Path::Relay));
+    a.upgrade_peer(b.id()).await.unwrap();
+    // The path is known once ICE reports the selected pair.
+    let path = wait_event(&mut events, 10, |e| match e {
+        PeerEvent::PathChanged { peer, path } if peer.id == b.id() => Some(path),
+        _ => None,
+    })
+    .await;
+    assert_eq!(path, Path::Direct);
+    battery(&a, &b, Transport::DataChannel).await;
+    let st = a.stats(b.id()).await.unwrap();
+    assert_eq!(st.transport, Transport::DataChannel);
+    let pair = st.candidates.expect("candidates");
+    assert_eq!(
+        (pair.local, pair.remote),
+        (CandidateKind::Host, CandidateKind::Host)
+    );
+    assert!(st.frames_sent > 10_000 && st.frames_received > 0, "{st:?}");
+    assert!(st.bytes_sent > st.frames_sent && st.rtt.is_some(), "{st:?}");
+    assert_eq!(st.upgrades, 1);
+    a.downgrade_peer(b.id()).await.unwrap();
+    let st = a.stats(b.id()).await.unwrap();
+    assert_eq!(st.path, Path::Relay);
+    assert_eq!(st.last_upgrade_failure, Some(UpgradeFailure::Application));
+    assert!(matches!(
+        a.stats("nobody").await,
+        Err(Error::PeerOffline(_))
+    ));
+}

@@ -58,6 +58,11 @@ pub(crate) enum Command {
         peer: String,
         reply: Reply<Transport>,
     },
+    /// Counters and state of one peer.
+    Stats {
+        peer: String,
+        reply: Reply<crate::stats::PeerStats>,
+    },
     /// The peers we know, sorted by id.
     Peers { reply: Reply<Vec<PeerInfo>> },
     /// How many peer connections this `P2p` holds (test hook).

@@ -191,6 +191,14 @@ impl Core {
                     .ok_or(Error::PeerOffline(peer));
                 reply(r);
             }
+            Command::Stats { peer, reply } => {
+                let r = self
+                    .peers
+                    .get(&peer)
+                    .map(|p| p.stats())
+                    .ok_or(Error::PeerOffline(peer));
+                reply(r);
+            }
             Command::Peers { reply } => {
                 let mut v: Vec<PeerInfo> = self.peers.values().map(|p| p.info.clone()).collect();
                 v.sort_by(|a, b| a.id.cmp(&b.id));

@@ -265,12 +265,28 @@ impl Core {
             Ok(f) => f,
             Err(e) => return tracing::warn!(%e, "could not encode a frame"),
         };
+        self.count_out(to, 1, frame.len());
         match self.channel_of(to) {
             Some(key) => self.emit(Output::Rtc {
                 key,
                 op: RtcOp::Send { reliable, frame },
             }),
             None => self.relay(&frame),
+        }
+    }
+
+    fn count_out(&mut self, to: &str, frames: usize, bytes: usize) {
+        if let Some(p) = self.peers.get_mut(to) {
+            p.counters.frames_sent += frames as u64;
+            p.counters.bytes_sent += bytes as u64;
+        }
+    }
+
+    /// A frame of `len` bytes came from `from` (counted once `on_frame` knows the peer).
+    pub(super) fn count_in(&mut self, from: &str, len: usize) {
+        if let Some(p) = self.peers.get_mut(from) {
+            p.counters.frames_received += 1;
+            p.counters.bytes_received += len as u64;
         }
     }
 
@@ -312,7 +328,7 @@ impl Core {
             let Some(peer) = self.peers.get_mut(&id) else {
                 continue;
             };
-            peer.link.poll_transmit(&mut frames);
+            peer.link.poll_transmit(&mut frames, self.now);
             // On the relay, a delayed acknowledgement rides along with data going to the
             // same peer: it costs no write of its own.
             let ack = if frames.is_empty() || channel.is_some() {
@@ -323,6 +339,8 @@ impl Core {
             if let Some((upto, nack)) = ack {
                 self.send_ack(&id, upto, nack);
             }
+            let bytes = frames.iter().map(Bytes::len).sum();
+            self.count_out(&id, frames.len(), bytes);
             match channel {
                 Some(key) => {
                     for frame in frames.drain(..) {

@@ -54,6 +54,7 @@ use streams::{StreamParts, StreamTable};
 use crate::error::{Error, Result};
 use crate::options::P2pOptions;
 use crate::payload::{Payload, PeerEvent, Transport};
+use crate::stats::CandidatePair;
 
 /// On close, how long the core keeps going to deliver what is already queued.
 const LINGER: Duration = Duration::from_secs(2);
@@ -94,6 +95,8 @@ pub(crate) enum RtcOp {
     Candidate(Signal),
     /// Send a frame on the reliable channel (`true`) or the volatile one.
     Send { reliable: bool, frame: Bytes },
+    /// Find out which candidates the open channel runs on ([`RtcReport::Path`]).
+    Path,
     /// Close the connection.
     Close,
 }
@@ -118,6 +121,8 @@ pub(crate) enum RtcReport {
     Failed(String),
     /// The connection closed or failed by itself.
     Closed(String),
+    /// The candidates the open channel runs on.
+    Path(CandidatePair),
 }
 
 /// Changes to the send credit the `P2p` handles share.
@@ -424,6 +429,7 @@ impl Core {
             Command::Transport { reply, .. } => reply(Err(Error::Closed)),
             Command::Peers { reply } => reply(Ok(Vec::new())),
             Command::LiveConnections { reply } => reply(Ok(0)),
+            Command::Stats { reply, .. } => reply(Err(Error::Closed)),
             Command::Close { done } => done(Ok(())),
             Command::Downgrade { done, .. } => done(Err(Error::Closed)),
             Command::Subscribe { reply, .. } => reply(Err(Error::Closed)),

@@ -46,6 +46,18 @@ impl Reason {
         }
     }
 
+    /// The failure as the application sees it in the peer's stats.
+    pub(crate) fn failure(&self) -> crate::stats::UpgradeFailure {
+        use crate::stats::UpgradeFailure as F;
+        match self {
+            Reason::Application | Reason::PeerApplication => F::Application,
+            Reason::PeerBusy => F::Refused,
+            Reason::Peer(_) => F::PeerHungUp,
+            Reason::Timeout(_) => F::Timeout,
+            Reason::Closed(s) | Reason::Local(s) => F::Failed(s.clone()),
+        }
+    }
+
     /// Whether auto-upgrade should try again later.
     pub(crate) fn retry(&self) -> bool {
         !matches!(

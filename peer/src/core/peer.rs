@@ -10,6 +10,7 @@ use super::command::Reply;
 use super::link::Link;
 use super::negotiate::{Negotiation, Phase};
 use crate::payload::Transport;
+use crate::stats::{CandidatePair, Path, PeerStats, UpgradeFailure};
 
 /// The liveness rule of an open data channel: silent for `dc_timeout` is dead; silent for a
 /// third of it, we ping.
@@ -33,6 +34,20 @@ pub(super) struct Peer {
     /// Received messages waiting for room in the application's queue (`None`: nothing to
     /// hand over, only the sequence number to acknowledge in order).
     pub(super) held: VecDeque<(u64, Option<Delivery>)>,
+    pub(super) counters: Counters,
+    /// The candidates of the open data channel, once known.
+    pub(super) candidates: Option<CandidatePair>,
+    pub(super) last_failure: Option<UpgradeFailure>,
+}
+
+/// Traffic with one peer, both ways, on any transport.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Counters {
+    pub(super) frames_sent: u64,
+    pub(super) bytes_sent: u64,
+    pub(super) frames_received: u64,
+    pub(super) bytes_received: u64,
+    pub(super) upgrades: u64,
 }
 
 impl Peer {
@@ -50,6 +65,9 @@ impl Peer {
             },
             backoff: opts.retry_backoff.0,
             held: VecDeque::new(),
+            counters: Counters::default(),
+            candidates: None,
+            last_failure: None,
         }
     }
 
@@ -59,6 +77,33 @@ impl Peer {
             Transport::DataChannel
         } else {
             Transport::Relay
+        }
+    }
+
+    /// The path messages take now.
+    pub(super) fn path(&self) -> Path {
+        match (self.transport(), self.candidates) {
+            (Transport::Relay, _) => Path::Relay,
+            (Transport::DataChannel, Some(c)) => c.path(),
+            // Open, candidates not known yet: without TURN servers it is direct.
+            (_, None) => Path::Direct,
+        }
+    }
+
+    pub(super) fn stats(&self) -> PeerStats {
+        let c = self.counters;
+        PeerStats {
+            transport: self.transport(),
+            path: self.path(),
+            candidates: self.candidates,
+            rtt: self.link.rtt(),
+            frames_sent: c.frames_sent,
+            bytes_sent: c.bytes_sent,
+            frames_received: c.frames_received,
+            bytes_received: c.bytes_received,
+            resends: self.link.resends(),
+            upgrades: c.upgrades,
+            last_upgrade_failure: self.last_failure.clone(),
         }
     }
 

@@ -126,7 +126,10 @@ impl Core {
         };
         for bytes in frames {
             match Frame::decode(&bytes) {
-                Ok(frame) => self.on_frame(&frame.from, frame.body, Transport::Relay),
+                Ok(frame) => {
+                    self.on_frame(&frame.from, frame.body, Transport::Relay);
+                    self.count_in(&frame.from, bytes.len());
+                }
                 Err(e) => {
                     tracing::warn!(%e, len = bytes.len(), "undecodable frame from the server")
                 }

@@ -18,8 +18,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use socketio_p2p_signaling::protocol::{Msg, StreamOp};
 
-use super::reply::Reply;
 use super::link::CHUNK;
+use super::reply::Reply;
 use crate::error::Error;
 
 /// How many incoming streams may wait for [`crate::P2p::accept_stream`] before new ones

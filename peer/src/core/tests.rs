@@ -269,6 +269,11 @@ impl World {
                 self.sides[i].conns.remove(&key);
                 None
             }
+            RtcOp::Path => Some(RtcReport::Path(crate::stats::CandidatePair {
+                local: crate::stats::CandidateKind::Host,
+                remote: crate::stats::CandidateKind::Host,
+                tcp: false,
+            })),
             RtcOp::Candidate(_) => None,
         };
         if let Some(report) = report {
@@ -542,4 +547,69 @@ fn a_full_application_queue_holds_events_and_their_acks() {
     w.input(1, Input::Room);
     w.settle();
     assert_eq!(w.numbers(1), (0..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn stats_follow_the_path_and_say_why_an_upgrade_failed() {
+    let mut w = World::new(opts(), opts());
+    let stats = |w: &mut World| {
+        let slot = Arc::new(Mutex::new(None));
+        let s = slot.clone();
+        w.command(
+            0,
+            Command::Stats {
+                peer: "b".into(),
+                reply: Box::new(move |r| *s.lock().unwrap_or_else(|e| e.into_inner()) = r.ok()),
+            },
+        );
+        let got = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        got.unwrap_or_else(|| panic!("no stats"))
+    };
+    w.upgrade();
+    for n in 0..10 {
+        w.emit(0, n);
+    }
+    w.advance(Duration::from_millis(100));
+    let s = stats(&mut w);
+    assert_eq!(s.transport, Transport::DataChannel);
+    assert_eq!(s.path, crate::stats::Path::Direct);
+    assert!(s.candidates.is_some());
+    assert!(s.frames_sent >= 10 && s.bytes_sent > 0 && s.frames_received > 0);
+    assert!(s.rtt.is_some());
+    assert_eq!(s.upgrades, 1);
+    assert!(w.sides[0].app.peer_events.iter().any(|e| matches!(
+        e,
+        PeerEvent::PathChanged {
+            path: crate::stats::Path::Direct,
+            ..
+        }
+    )));
+    w.command(
+        0,
+        Command::Downgrade {
+            peer: "b".into(),
+            done: Box::new(|_| {}),
+        },
+    );
+    let s = stats(&mut w);
+    assert_eq!(s.path, crate::stats::Path::Relay);
+    assert_eq!(
+        s.last_upgrade_failure,
+        Some(crate::stats::UpgradeFailure::Application)
+    );
+    // An upgrade that gets no channel in time says so.
+    w.rtc_works = false;
+    w.command(
+        0,
+        Command::Upgrade {
+            peer: None,
+            done: None,
+        },
+    );
+    w.advance(Duration::from_secs(6));
+    let s = stats(&mut w);
+    assert_eq!(
+        s.last_upgrade_failure,
+        Some(crate::stats::UpgradeFailure::Timeout)
+    );
 }

@@ -40,6 +40,7 @@ impl Core {
                 continue;
             }
             if active >= self.opts.num_clients {
+                p.last_failure = Some(crate::stats::UpgradeFailure::CapReached);
                 for w in p.upgrade_waiters.drain(..) {
                     w(Err(Error::WebRtc("num_clients reached".into())));
                 }
@@ -95,10 +96,26 @@ impl Core {
             }
             // The data channel tells who sent it; the `from` field is not trusted.
             RtcReport::Frame(b) => match Frame::decode(&b) {
-                Ok(frame) => self.on_frame(&id, frame.body, Transport::DataChannel),
+                Ok(frame) => {
+                    self.on_frame(&id, frame.body, Transport::DataChannel);
+                    self.count_in(&id, b.len());
+                }
                 Err(e) => tracing::warn!(%e, peer = %id, "undecodable frame on the data channel"),
             },
             RtcReport::Unsent(frame) => self.relay(&frame),
+            RtcReport::Path(pair) => {
+                let changed = match self.peers.get_mut(&id) {
+                    Some(p) if p.transport() == Transport::DataChannel => {
+                        p.candidates = Some(pair);
+                        true
+                    }
+                    _ => false,
+                };
+                if changed && let Some(peer) = self.info_of(&id) {
+                    let path = pair.path();
+                    self.peer_event(PeerEvent::PathChanged { peer, path });
+                }
+            }
             RtcReport::Failed(e) => {
                 tracing::debug!(%e, peer = %id, "webrtc step failed");
                 let acts = self
@@ -196,11 +213,14 @@ impl Core {
             p.live.seen = now;
             p.live.pinged = now;
             p.backoff = backoff;
+            p.counters.upgrades += 1;
+            p.last_failure = None;
             for w in p.upgrade_waiters.drain(..) {
                 w(Ok(()));
             }
             self.dirty.insert(id.to_owned());
         }
+        self.rtc_op(id, RtcOp::Path);
         self.credit(CreditOp::SetRelay(id.to_owned(), false));
         if let Some(peer) = self.info_of(id) {
             self.peer_event(PeerEvent::Upgraded { peer });
@@ -211,9 +231,15 @@ impl Core {
         tracing::debug!(peer = id, %reason, "downgraded to the relay");
         if let Some(p) = self.peers.get_mut(id) {
             p.link.on_transport_change(self.now);
+            p.candidates = None;
+            p.last_failure = Some(reason.failure());
             self.dirty.insert(id.to_owned());
         }
         self.schedule_retry(id, &reason);
+        if let Some(peer) = self.info_of(id) {
+            let path = crate::stats::Path::Relay;
+            self.peer_event(PeerEvent::PathChanged { peer, path });
+        }
         self.credit(CreditOp::SetRelay(id.to_owned(), true));
         if let Some(peer) = self.info_of(id) {
             let reason = reason.to_string();
@@ -224,6 +250,7 @@ impl Core {
     fn failed(&mut self, id: &str, reason: Reason) {
         self.schedule_retry(id, &reason);
         if let Some(p) = self.peers.get_mut(id) {
+            p.last_failure = Some(reason.failure());
             for w in p.upgrade_waiters.drain(..) {
                 w(Err(Error::WebRtc(reason.to_string())));
             }

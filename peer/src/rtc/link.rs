@@ -93,6 +93,23 @@ impl RtcLink {
         Arc::clone(&lock(&self.pc))
     }
 
+    /// The candidate pair ICE selected, once connected: (local, remote).
+    pub(crate) async fn selected_pair(
+        &self,
+    ) -> Option<(
+        webrtc::ice_transport::ice_candidate::RTCIceCandidate,
+        webrtc::ice_transport::ice_candidate::RTCIceCandidate,
+    )> {
+        let pc = self.pc();
+        let pair = pc
+            .sctp()
+            .transport()
+            .ice_transport()
+            .get_selected_candidate_pair()
+            .await?;
+        Some((pair.local, pair.remote))
+    }
+
     /// Offerer side: create the two data channels ("p2p" reliable ordered;
     /// "p2p-volatile" ordered:false, max_retransmits:0) unless they already exist,
     /// create the offer, set it as local description, and return the SDP string

@@ -11,9 +11,13 @@ use socketio_p2p_signaling::protocol::Signal;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{RtcOp, RtcReport};
+use webrtc::ice_transport::ice_candidate_type::RTCIceCandidateType;
+use webrtc::ice_transport::ice_protocol::RTCIceProtocol;
+
 use crate::options::P2pOptions;
 use crate::rtc::{CandidateInit, IceServerConfig, RtcLink};
 pub(crate) use crate::rtc::{RtcConfig, RtcEvent};
+use crate::stats::{CandidateKind, CandidatePair};
 
 /// Peer connections alive in this process (all `P2p`s).
 #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
@@ -129,6 +133,16 @@ impl WebRtc {
     }
 }
 
+fn kind_of(t: RTCIceCandidateType) -> Option<CandidateKind> {
+    Some(match t {
+        RTCIceCandidateType::Host => CandidateKind::Host,
+        RTCIceCandidateType::Srflx => CandidateKind::ServerReflexive,
+        RTCIceCandidateType::Prflx => CandidateKind::PeerReflexive,
+        RTCIceCandidateType::Relay => CandidateKind::Relay,
+        RTCIceCandidateType::Unspecified => return None,
+    })
+}
+
 /// Translates what a connection reports.
 pub(crate) fn report_of(ev: RtcEvent) -> Option<RtcReport> {
     Some(match ev {
@@ -234,6 +248,14 @@ impl ConnTask {
                     tracing::debug!(%e, key = self.key, "remote candidate refused");
                 }
                 None
+            }
+            RtcOp::Path => {
+                let (local, remote) = link.selected_pair().await?;
+                Some(RtcReport::Path(CandidatePair {
+                    local: kind_of(local.typ)?,
+                    remote: kind_of(remote.typ)?,
+                    tcp: local.protocol == RTCIceProtocol::Tcp,
+                }))
             }
             RtcOp::Candidate(_) | RtcOp::Send { .. } | RtcOp::Close => None,
         }
