@@ -18,8 +18,10 @@
 //! axum::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
+mod error;
 pub mod protocol;
 mod service;
+pub use error::Error;
 pub use service::{Service, ServiceError};
 
 #[cfg(feature = "server")]
@@ -30,4 +32,4 @@ pub use redis;
 #[cfg(feature = "redis")]
 pub use server::RedisCluster;
 #[cfg(feature = "server")]
-pub use server::{AuthHook, P2pSignaling, PeerHook, SignalingOptions};
+pub use server::{AuthHook, P2pSignaling, PeerHook, SignalingMiddleware, SignalingOptions, serve};

@@ -215,7 +215,6 @@ pub struct Frame {
     pub body: Body,
 }
 
-
 impl Frame {
     /// Encodes the frame.
     pub fn encode(&self) -> Result<Bytes, CodecError> {
@@ -524,7 +523,6 @@ pub fn stamp_from(route: &Route<'_>, from: &str) -> Result<Bytes, CodecError> {
     buf.put_slice(&frame[route.body_at..]);
     Ok(buf.freeze())
 }
-
 
 #[cfg(test)]
 mod tests;

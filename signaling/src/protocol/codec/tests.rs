@@ -20,8 +20,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
                 payload
             }
         ),
-        (any::<u64>(), arb_payload())
-            .prop_map(|(ack_id, payload)| Msg::Reply { ack_id, payload }),
+        (any::<u64>(), arb_payload()).prop_map(|(ack_id, payload)| Msg::Reply { ack_id, payload }),
         (any::<u64>(), "[A-Za-z]{0,20}", ".{0,40}").prop_map(|(ack_id, code, message)| {
             Msg::ReplyError {
                 ack_id,
@@ -32,8 +31,11 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         proptest::collection::vec(any::<u8>(), 0..64).prop_map(|v| Msg::Continuation {
             data: Bytes::from(v)
         }),
-        (any::<u64>(), any::<bool>(), arb_stream_op())
-            .prop_map(|(id, opener, op)| Msg::Stream { id, opener, op }),
+        (any::<u64>(), any::<bool>(), arb_stream_op()).prop_map(|(id, opener, op)| Msg::Stream {
+            id,
+            opener,
+            op
+        }),
     ]
 }
 
@@ -43,12 +45,10 @@ fn arb_stream_op() -> impl Strategy<Value = StreamOp> {
         Just(StreamOp::Accept),
         ("[a-zA-Z]{0,20}", ".{0,40}")
             .prop_map(|(code, message)| StreamOp::Refuse { code, message }),
-        proptest::collection::vec(any::<u8>(), 0..64)
-            .prop_map(|v| StreamOp::Data(Bytes::from(v))),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|v| StreamOp::Data(Bytes::from(v))),
         any::<u64>().prop_map(StreamOp::Credit),
         Just(StreamOp::Fin),
-        ("[a-zA-Z]{0,20}", ".{0,40}")
-            .prop_map(|(code, message)| StreamOp::Reset { code, message }),
+        ("[a-zA-Z]{0,20}", ".{0,40}").prop_map(|(code, message)| StreamOp::Reset { code, message }),
     ]
 }
 
