@@ -26,10 +26,5 @@ pub use service::{Service, ServiceError};
 
 #[cfg(feature = "server")]
 mod server;
-/// The redis crate this library uses (build the `redis::Client` of [`RedisCluster`] with it).
-#[cfg(feature = "redis")]
-pub use redis;
-#[cfg(feature = "redis")]
-pub use server::RedisCluster;
 #[cfg(feature = "server")]
-pub use server::{AuthHook, P2pSignaling, PeerHook, SignalingMiddleware, SignalingOptions, serve};
+pub use server::*;

@@ -65,7 +65,7 @@ pub enum CodecError {
     /// A field is longer than the format allows.
     #[error("{0} too long")]
     TooLong(&'static str),
-    /// A batch with an empty or truncated record (see [`BatchWriter`]).
+    /// A batch with an empty or truncated record (see [`BatchWriter`](super::BatchWriter)).
     #[error("bad batch: empty frame record")]
     Batch,
     /// A base64 batch that is not valid base64.

@@ -1,10 +1,11 @@
 //! `P2pSignaling`: the socketioxide middleware.
 //!
-//! - [`attach`](self::attach): how the server meets socketioxide (namespaces, middleware,
+//! - [`attach`]: how the server meets socketioxide (namespaces, middleware,
 //!   the one-line server);
 //! - `requests`, `ops`, `services`: `p2p:req`, one function per operation;
 //! - `relay`: `p2p:f`; `peers`: rooms, pairs and departures;
-//! - `state` and `book`: what the server knows; `cluster`: what it tells other nodes.
+//! - `state` and `book`: what the server knows; `cluster`: what it tells other nodes
+//!   (`redis_cluster`: the Redis implementation).
 mod attach;
 mod book;
 mod cluster;
@@ -12,8 +13,6 @@ mod ops;
 mod options;
 mod outbox;
 mod peers;
-#[cfg(feature = "redis")]
-mod redis;
 mod relay;
 mod requests;
 mod services;
@@ -22,8 +21,13 @@ mod state;
 
 pub use attach::{SignalingMiddleware, serve};
 pub use options::{AuthHook, PeerHook, SignalingOptions};
+
+// The one place where the `redis` feature comes in: the Redis implementation of
+// `cluster::Cluster`, its options and the redis crate it is built with.
 #[cfg(feature = "redis")]
-pub use redis::RedisCluster;
+mod redis_cluster;
+#[cfg(feature = "redis")]
+pub use redis_cluster::{RedisCluster, redis};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -13,7 +13,7 @@ pub type AuthHook = Arc<dyn Fn(&Json) -> Result<(), String> + Send + Sync>;
 /// Called with a peer's identity when it registers or disconnects.
 pub type PeerHook = Arc<dyn Fn(&PeerInfo) + Send + Sync>;
 
-/// Options of [`P2pSignaling`]. Every field has a default that works.
+/// Options of [`P2pSignaling`](super::P2pSignaling). Every field has a default that works.
 #[derive(Clone)]
 pub struct SignalingOptions {
     pub(super) max_frame: usize,

@@ -1,7 +1,7 @@
 //! Several nodes sharing one redis-server (cargo feature `redis`).
 //!
-//! Every node keeps, in its own [`State`], a mirror of the peers of the other nodes: they are
-//! ordinary `Conn`s whose socket is a [`RemoteSocket`], so that scoping, presence, pairing and
+//! Every node keeps, in its own [`State`](crate::server::state::State), a mirror of the peers of the other nodes: they are
+//! ordinary `Conn`s whose socket is a [`RemoteSocket`](link::RemoteSocket), so that scoping, presence, pairing and
 //! relaying work on them unchanged. A node owns its own peers: it publishes every change about
 //! them (registered, joined, left, paired, gone) on the cluster channel, and every node tells its
 //! own peers about the changes of others (presence and responses never cross nodes). Frames and
@@ -17,6 +17,9 @@
 //! refreshed by the holder node's heartbeat and expiring after `node_timeout`: a dead node's uids
 //! free themselves. A node that sends nothing (not even its heartbeat) for `node_timeout` is
 //! dead: the others forget its peers and tell their own peers that they disconnected.
+/// The redis crate this library uses (build the `redis::Client` of [`RedisCluster`] with it).
+pub use ::redis;
+
 mod deliver;
 mod io;
 mod link;
