@@ -45,9 +45,11 @@ pub(super) async fn subscribe(
 }
 
 /// Drains the queue in order, in pipelines of up to 256 commands. Claims are the only
-/// commands whose answers matter: they go back to whoever waits for them.
+/// commands whose answers matter: they go back to whoever waits for them. A pipeline with
+/// claims goes on the second connection (which waits up to `io_timeout` for Redis), the
+/// others on the first; one pipeline at a time, so Redis sees everything in queue order.
 pub(super) async fn publisher(
-    mut con: redis::aio::ConnectionManager,
+    mut cons: [redis::aio::ConnectionManager; 2],
     mut rx: mpsc::UnboundedReceiver<Out>,
     queued_frames: Arc<AtomicUsize>,
     ttl_ms: u64,
@@ -78,7 +80,8 @@ pub(super) async fn publisher(
                 }
             }
         }
-        match pipe.query_async::<Vec<redis::Value>>(&mut con).await {
+        let con = &mut cons[usize::from(!claims.is_empty())];
+        match pipe.query_async::<Vec<redis::Value>>(con).await {
             Ok(answers) => {
                 let mut answers = answers.into_iter();
                 for reply in claims.drain(..) {

@@ -119,6 +119,16 @@ impl P2pSignaling {
             redis::aio::ConnectionManager::new(cluster.client.clone()),
         )
         .await?;
+        // Pipelines with claims wait up to `io_timeout` for Redis (the others, the client's
+        // default): a claim answered late counts as refused.
+        let claims_config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(cluster.io_timeout));
+        let claims_manager = in_time(
+            wait,
+            "connecting",
+            redis::aio::ConnectionManager::new_with_config(cluster.client.clone(), claims_config),
+        )
+        .await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
             node: node.clone(),
@@ -133,7 +143,8 @@ impl P2pSignaling {
         let channels = [link.all_channel(), link.node_channel(&node)];
         let pubsub = in_time(wait, "subscribing", subscribe(&cluster.client, &channels)).await?;
         let sig = P2pSignaling::with_cluster(opts, link.clone());
-        tokio::spawn(publisher(manager, rx, link.queued_frames.clone(), ttl_ms));
+        let connections = [manager, claims_manager];
+        tokio::spawn(publisher(connections, rx, link.queued_frames.clone(), ttl_ms));
         link.publish(&Ctl::Heartbeat);
         link.publish(&Ctl::SyncRequest);
         let inbound = Inbound {
