@@ -65,16 +65,30 @@ async fn a_slow_claim_holds_up_only_the_requests_that_need_it() {
         rounds += 1;
     }
     eprintln!("{rounds} round trips while Redis was paused, the slowest {worst:?}");
-    assert!(worst < Duration::from_millis(500), "relay stalled: {worst:?}");
+    assert!(
+        worst < Duration::from_millis(500),
+        "relay stalled: {worst:?}"
+    );
     // A hello that claims nothing is answered at once.
     let t = Instant::now();
     d.hello(None, &["x"]).await;
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
-    assert!(t0.elapsed() < Duration::from_millis(1400), "the test was too slow");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(1400),
+        "the test was too slow"
+    );
 
     // c's welcome comes once Redis answers, and its join after it.
     let welcome = c.expect("p2p:res").await;
-    assert!(t0.elapsed() >= Duration::from_millis(1200), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1200),
+        "{:?}",
+        t0.elapsed()
+    );
     assert_eq!(welcome["rid"], 1, "{welcome}");
     assert_eq!(welcome["ok"]["uid"], "slowpoke", "{welcome}");
     let joined = c.expect("p2p:res").await;
@@ -89,13 +103,24 @@ async fn a_slow_claim_holds_up_only_the_requests_that_need_it() {
     // A service name is claimed the same way.
     pause_redis(&redis, 800);
     let t0 = Instant::now();
-    c.emit("p2p:req", json!({"rid": 3, "op": "provide", "service": "clock"}))
-        .await;
+    c.emit(
+        "p2p:req",
+        json!({"rid": 3, "op": "provide", "service": "clock"}),
+    )
+    .await;
     let t = Instant::now();
     a.to(b.id()).emit_with_ack("ping", json!(1)).await.unwrap();
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     let provided = c.expect("p2p:res").await;
-    assert!(t0.elapsed() >= Duration::from_millis(500), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
     assert_eq!(provided["rid"], 3, "{provided}");
     assert!(provided.get("ok").is_some(), "{provided}");
     assert_eq!(n.signaling.services(), vec!["clock".to_owned()]);

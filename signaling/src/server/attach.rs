@@ -2,7 +2,6 @@
 //! middleware beside the application's handlers, or the whole Socket.IO layer in one line.
 use std::collections::HashSet;
 use std::fmt::Display;
-use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value as Json;
@@ -50,23 +49,21 @@ pub struct SignalingMiddleware {
 }
 
 impl<A: Adapter> ConnectMiddleware<A, SignalingMiddleware> for SignalingMiddleware {
-    fn call<'a>(
+    async fn call<'a>(
         &'a self,
         s: Arc<Socket<A>>,
         auth: &'a Option<Value>,
-    ) -> impl Future<Output = Result<(), Box<dyn Display + Send>>> + Send {
-        async move {
-            if let Some(hook) = &self.sig.inner.opts.auth {
-                let data = TryData::<Json>::from_connect_parts(&s, auth)
-                    .map(|TryData(d)| d.unwrap_or(Json::Null))
-                    .unwrap_or(Json::Null);
-                if let Err(reason) = hook(&data) {
-                    return Err(Box::new(AuthRejected(reason)) as Box<dyn Display + Send>);
-                }
+    ) -> Result<(), Box<dyn Display + Send>> {
+        if let Some(hook) = &self.sig.inner.opts.auth {
+            let data = TryData::<Json>::from_connect_parts(&s, auth)
+                .map(|TryData(d)| d.unwrap_or(Json::Null))
+                .unwrap_or(Json::Null);
+            if let Err(reason) = hook(&data) {
+                return Err(Box::new(AuthRejected(reason)));
             }
-            self.sig.register_socket(&SocketRef::from(s), self.fallback);
-            Ok(())
         }
+        self.sig.register_socket(&SocketRef::from(s), self.fallback);
+        Ok(())
     }
 }
 

@@ -3,32 +3,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use super::cluster::{Claim, ClaimFail, Name};
+use super::cluster::{Claim, Name};
 use super::outbox::{error_response, to_json};
-use super::requests::{Ctx, Deferred, Flow, Retry};
+use super::requests::{Claimed, Ctx, Deferred, Flow, Hello, Retry};
 use super::state::{PendingPair, State};
 use super::{P2pSignaling, new_token};
 use crate::protocol::{
-    ErrorCode, FrameEncoding, PROTOCOL_VERSION, PeerInfo, Resume, RoomPeers, Signal, SignalFrom,
-    Welcome, events,
+    ErrorCode, PROTOCOL_VERSION, PeerInfo, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
 };
-
-/// The arguments of a `hello` ([`crate::protocol::Op::Hello`]).
-pub(super) struct Hello {
-    pub(super) version: u32,
-    pub(super) uid: Option<String>,
-    pub(super) rooms: Vec<String>,
-    pub(super) resume: Option<Resume>,
-    pub(super) frames: FrameEncoding,
-    pub(super) batch_presence: bool,
-}
-
-/// A uid claimed (or refused) while the `hello` waited.
-pub(super) struct Claimed {
-    pub(super) uid: String,
-    pub(super) target: String,
-    pub(super) result: Result<(), ClaimFail>,
-}
 
 /// Which id a `hello` registers (see `protocol::Resume`).
 enum Plan {

@@ -11,10 +11,9 @@ use serde_json::Value as Json;
 
 use super::P2pSignaling;
 use super::cluster::{ClaimFail, ClaimFuture, Name};
-use super::ops::{Claimed, Hello};
 use super::outbox::{Outbox, error_response, to_json};
 use super::state::{PeerSocket, Queued, State};
-use crate::protocol::{ErrorCode, Op, PeerInfo, Request, Response, events};
+use crate::protocol::{ErrorCode, FrameEncoding, Op, PeerInfo, Request, Response, Resume, events};
 
 /// What a request handler works with: the state (locked), the outbox, and who asks.
 pub(super) struct Ctx<'a> {
@@ -52,6 +51,23 @@ impl Flow {
     pub(super) fn error(code: ErrorCode, message: impl Into<String>) -> Flow {
         Flow::Reply(Err((code, message.into())))
     }
+}
+
+/// The arguments of a `hello` ([`crate::protocol::Op::Hello`]).
+pub(super) struct Hello {
+    pub(super) version: u32,
+    pub(super) uid: Option<String>,
+    pub(super) rooms: Vec<String>,
+    pub(super) resume: Option<Resume>,
+    pub(super) frames: FrameEncoding,
+    pub(super) batch_presence: bool,
+}
+
+/// A uid claimed (or refused) while the `hello` waited.
+pub(super) struct Claimed {
+    pub(super) uid: String,
+    pub(super) target: String,
+    pub(super) result: Result<(), ClaimFail>,
 }
 
 /// A request waiting for a claim.

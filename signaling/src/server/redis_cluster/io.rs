@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::link::{Ctl, K_CTL, K_EVENT, K_FRAME, Link, Out, decode};
+use super::link::{Ctl, K_CTL, K_EVENT, K_FRAME, Link, decode};
 use super::names::{CLAIM, REFRESH};
+use super::queue::Out;
 use crate::Error;
 use crate::server::cluster::ClaimFail;
 use crate::server::{Inner, P2pSignaling};

@@ -7,12 +7,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::names::Names;
+use super::queue::Out;
 use crate::protocol::{CallOutcome, PeerInfo, Resume, events};
 use crate::server::P2pSignaling;
-use crate::server::cluster::{Claim, ClaimFail, Cluster, Name};
+use crate::server::cluster::{Claim, Cluster, Name};
 use crate::server::state::{EmitFail, PeerSocket, State};
 
 /// Internal event between cluster nodes: a provider's answer to a relayed call.
@@ -94,24 +95,6 @@ pub(super) struct SyncPeer {
     pub(super) services: Vec<String>,
     #[serde(default)]
     pub(super) topics: Vec<String>,
-}
-
-/// A message for the publishing task.
-pub(super) enum Out {
-    Publish {
-        channel: String,
-        payload: Vec<u8>,
-        /// Frames in it (counted against `max_queue`).
-        frames: usize,
-    },
-    /// Scripts to run (uid refresh and release), `(script, key, peer)`.
-    Eval(Vec<(&'static str, String, String)>),
-    /// Claim `key` for `peer`; the outcome goes to `reply`.
-    Claim {
-        key: String,
-        peer: String,
-        reply: oneshot::Sender<Result<(), ClaimFail>>,
-    },
 }
 
 /// `kind`, sender node, target peer (may be empty), rest.

@@ -3,8 +3,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::link::{Ctl, CtlKind, Link, Out, RemoteSocket, SyncPeer};
+use super::link::{Ctl, CtlKind, Link, RemoteSocket, SyncPeer};
 use super::names::RELEASE;
+use super::queue::Out;
 use crate::protocol::{PeerInfo, Presence, events};
 use crate::server::P2pSignaling;
 use crate::server::book::Provider;

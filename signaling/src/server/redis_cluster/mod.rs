@@ -25,6 +25,7 @@ mod io;
 mod link;
 mod mirror;
 mod names;
+mod queue;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -144,7 +145,12 @@ impl P2pSignaling {
         let pubsub = in_time(wait, "subscribing", subscribe(&cluster.client, &channels)).await?;
         let sig = P2pSignaling::with_cluster(opts, link.clone());
         let connections = [manager, claims_manager];
-        tokio::spawn(publisher(connections, rx, link.queued_frames.clone(), ttl_ms));
+        tokio::spawn(publisher(
+            connections,
+            rx,
+            link.queued_frames.clone(),
+            ttl_ms,
+        ));
         link.publish(&Ctl::Heartbeat);
         link.publish(&Ctl::SyncRequest);
         let inbound = Inbound {

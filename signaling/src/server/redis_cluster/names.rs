@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::link::Out;
+use super::queue::Out;
 use crate::server::cluster::{ClaimFail, ClaimFuture};
 
 /// Takes a uid if it is free or already ours; refreshes its expiry either way.
