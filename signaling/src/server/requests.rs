@@ -31,6 +31,13 @@ pub(super) struct Ctx<'a> {
     pub(super) joined: &'a mut Option<PeerInfo>,
 }
 
+/// What requests leave for after the lock: messages, and a peer that registered.
+#[derive(Default)]
+struct Effects {
+    out: Outbox,
+    joined: Option<PeerInfo>,
+}
+
 /// An answer now, or an error.
 pub(super) type Reply = Result<Json, (ErrorCode, String)>;
 
@@ -102,8 +109,7 @@ impl Retry {
 impl P2pSignaling {
     /// One `p2p:req` from socket `sid` (in the socket's receive order).
     pub(super) fn handle_request(&self, sid: &str, raw: Result<Json, String>) {
-        let mut out = Outbox::default();
-        let mut joined = None;
+        let mut fx = Effects::default();
         let wait = {
             let mut st = self.lock();
             let id = st.peer_id(sid);
@@ -117,22 +123,22 @@ impl P2pSignaling {
                 waiting.push_back(q);
                 return;
             }
-            let wait = self.serve_one(&mut st, sid, q, &mut out, &mut joined);
+            let wait = self.serve_one(&mut st, sid, q, &mut fx);
             if wait.is_some() {
                 st.waiting.insert(sid.to_owned(), VecDeque::new());
             }
             wait
         };
-        self.after_lock(out, joined);
+        self.after_lock(fx);
         if let Some(d) = wait {
             self.spawn_wait(sid.to_owned(), d);
         }
     }
 
     /// Sends what the requests produced and runs the `on_peer_joined` hook.
-    fn after_lock(&self, out: Outbox, joined: Option<PeerInfo>) {
-        out.flush();
-        if let (Some(info), Some(hook)) = (joined, &self.inner.opts.on_peer_joined) {
+    fn after_lock(&self, fx: Effects) {
+        fx.out.flush();
+        if let (Some(info), Some(hook)) = (fx.joined, &self.inner.opts.on_peer_joined) {
             hook(&info);
         }
     }
@@ -144,25 +150,24 @@ impl P2pSignaling {
         tokio::spawn(async move {
             let mut d = first;
             loop {
-                let result = d.claim.await;
-                let mut out = Outbox::default();
-                let mut joined = None;
+                let Deferred { claim, rid, retry } = d;
+                let result = claim.await;
+                let mut fx = Effects::default();
                 let next = {
                     let mut st = this.lock();
-                    let mut next =
-                        this.retry(&mut st, &sid, d.rid, d.retry, result, &mut out, &mut joined);
+                    let mut next = this.retry(&mut st, &sid, rid, retry, result, &mut fx);
                     while next.is_none() {
                         let Some(q) = st.waiting.get_mut(&sid).and_then(VecDeque::pop_front) else {
                             break;
                         };
-                        next = this.serve_one(&mut st, &sid, q, &mut out, &mut joined);
+                        next = this.serve_one(&mut st, &sid, q, &mut fx);
                     }
                     if next.is_none() {
                         st.waiting.remove(&sid);
                     }
                     next
                 };
-                this.after_lock(out, joined);
+                this.after_lock(fx);
                 match next {
                     Some(n) => d = n,
                     None => break,
@@ -173,7 +178,6 @@ impl P2pSignaling {
 
     /// Runs a request again once its claim is decided. If the socket went away meanwhile
     /// (or no longer speaks for the peer the name was claimed for), the name is released.
-    #[allow(clippy::too_many_arguments)]
     fn retry(
         &self,
         st: &mut State,
@@ -181,8 +185,7 @@ impl P2pSignaling {
         rid: u64,
         retry: Retry,
         result: Result<(), ClaimFail>,
-        out: &mut Outbox,
-        joined: &mut Option<PeerInfo>,
+        fx: &mut Effects,
     ) -> Option<Deferred> {
         let id = st.peer_id(sid);
         let conn = st.conns.get(&id);
@@ -201,11 +204,11 @@ impl P2pSignaling {
         };
         let mut cx = Ctx {
             st,
-            out,
+            out: &mut fx.out,
             id,
             me,
             rid,
-            joined,
+            joined: &mut fx.joined,
         };
         let flow = match retry {
             Retry::Hello { hello, uid, target } => {
@@ -230,8 +233,7 @@ impl P2pSignaling {
         st: &mut State,
         sid: &str,
         q: Queued,
-        out: &mut Outbox,
-        joined: &mut Option<PeerInfo>,
+        fx: &mut Effects,
     ) -> Option<Deferred> {
         let id = st.peer_id(sid);
         let me = st.conns.get(&id)?.socket.clone();
@@ -244,7 +246,7 @@ impl P2pSignaling {
             .unwrap_or(0);
         if q.limited {
             let msg = error_response(rid, ErrorCode::RateLimited, "too many requests");
-            out.push(&me, events::RESPONSE, msg);
+            fx.out.push(&me, events::RESPONSE, msg);
             return None;
         }
         let req = q
@@ -253,21 +255,18 @@ impl P2pSignaling {
         let req = match req {
             Ok(req) => req,
             Err(e) => {
-                out.push(
-                    &me,
-                    events::RESPONSE,
-                    error_response(rid, ErrorCode::BadRequest, e),
-                );
+                let msg = error_response(rid, ErrorCode::BadRequest, e);
+                fx.out.push(&me, events::RESPONSE, msg);
                 return None;
             }
         };
         let mut cx = Ctx {
             st,
-            out,
+            out: &mut fx.out,
             id,
             me,
             rid: req.rid,
-            joined,
+            joined: &mut fx.joined,
         };
         let flow = self.dispatch(&mut cx, req.op);
         cx.finish(flow)

@@ -248,6 +248,9 @@ impl Cluster for Link {
         if let Some(conn) = st.conns.get(id)
             && let Some(info) = &conn.info
         {
+            if let Some(uid) = &info.uid {
+                self.uids.note(uid, id);
+            }
             let mut rooms: Vec<String> = conn.rooms.iter().cloned().collect();
             rooms.sort();
             self.publish(&Ctl::Up {

@@ -102,14 +102,18 @@ impl Names {
                 },
             };
             match result {
+                // Others learn who holds it once the request commits (`Link::up`).
                 Ok(()) => {
                     guard(&names.local).insert(name.clone(), peer.clone());
-                    names.note(&name, &peer);
                 }
                 Err(ClaimFail::Unreachable) => {
                     tracing::warn!(name, "redis unreachable or too slow: name refused");
-                    // Should the claim still land, undo it (the queue keeps the order).
-                    let _ = tx.send(Out::Eval(vec![(RELEASE, key, peer)]));
+                    // Should the claim still land, undo it (the queue keeps the order),
+                    // unless the peer held the name already.
+                    let held = guard(&names.local).get(&name).is_some_and(|p| *p == peer);
+                    if !held {
+                        let _ = tx.send(Out::Eval(vec![(RELEASE, key, peer)]));
+                    }
                 }
                 Err(ClaimFail::Taken) => {}
             }
