@@ -149,3 +149,56 @@ async fn a_claim_whose_socket_left_meanwhile_is_released() {
     assert_eq!(peers.len(), 1, "{peers:?}");
     assert_eq!(peers[0].uid.as_deref(), Some("ghost"));
 }
+
+fn frame_to(to: &str, text: &str) -> Vec<u8> {
+    use socketio_p2p_signaling::protocol::{Body, Frame, Msg, WirePayload};
+    let f = Frame {
+        to: to.into(),
+        from: String::new(),
+        body: Body::Data {
+            seq: 1,
+            more: false,
+            msg: Msg::Event {
+                event: "chat".into(),
+                ack_id: None,
+                payload: WirePayload::Json(serde_json::to_vec(text).unwrap().into()),
+            },
+        },
+    };
+    f.encode().unwrap().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_behind_a_waiting_hello_wait_with_it() {
+    use socketio_p2p_signaling::protocol::{Frame, batch_from_base64, split_batch};
+    let _one = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let cluster = redis.cluster("behind").io_timeout(Duration::from_secs(5));
+    let n = spawn_node_with(cluster, SignalingOptions::default()).await;
+    let mut r = Raw::connect(&n).await;
+    let r_id = r.hello(None, &["side"]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut c = Raw::connect(&n).await;
+
+    pause_redis(&redis, 800);
+    let mut h = hello(1, "early");
+    h["rooms"] = json!(["side"]);
+    c.emit("p2p:req", h).await;
+    // Sent before the welcome, as a client that does not wait for it would.
+    c.send_frames(&[frame_to(&r_id, "right behind the hello")])
+        .await;
+
+    let welcome = c.expect("p2p:res").await;
+    assert_eq!(welcome["ok"]["uid"], "early", "{welcome}");
+    let c_id = welcome["ok"]["id"].as_str().unwrap().to_owned();
+    let batch = r.expect("p2p:f").await;
+    let bytes = batch_from_base64(batch.as_str().unwrap()).unwrap();
+    let frames = split_batch(&bytes).unwrap();
+    assert_eq!(Frame::decode(&frames[0]).unwrap().from, c_id);
+    // c's frame was relayed, not refused.
+    while let Some((ev, p)) = c.next_within(Duration::from_millis(300)).await {
+        assert_ne!(ev, "p2p:error", "{p:?}");
+    }
+}

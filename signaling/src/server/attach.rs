@@ -126,8 +126,8 @@ impl P2pSignaling {
     /// serves too, like socket.io-p2p's `io.use(p2p)`: the client's `p2p:*` events go to
     /// the signaling, every other event to your handlers (or your fallback).
     ///
-    /// The signaling sets the socket's disconnect handler. If your handler sets its own,
-    /// call [`P2pSignaling::socket_closed`] from it.
+    /// Leave the `p2p:*` events to the signaling. It also sets the socket's disconnect
+    /// handler: if your handler sets its own, call [`P2pSignaling::socket_closed`] from it.
     ///
     /// ```
     /// use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};

@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use super::P2pSignaling;
 use super::outbox::{error_event, to_json};
-use super::state::{EmitFail, PeerSocket, State};
+use super::state::{EmitFail, PeerSocket, Queued, State};
 use crate::protocol::{
     BatchWriter, ErrorBody, ErrorCode, ErrorMsg, events, peek_route, split_batch, stamp_from,
 };
@@ -14,7 +14,16 @@ impl P2pSignaling {
     /// Relays one `p2p:f` batch: every frame in order, frames to the same target in one
     /// outgoing batch. Errors go back to the sender in `p2p:error`, one per refused frame,
     /// and one per outgoing batch the target's buffer could not take.
-    pub(super) fn relay_batch(&self, me: &dyn PeerSocket, sid: &str, data: Result<Bytes, String>) {
+    ///
+    /// While a request of the socket waits for the cluster (`may_wait`: this batch did not
+    /// already wait), the batch waits behind it, as the socket's requests do.
+    pub(super) fn relay_batch(
+        &self,
+        me: &dyn PeerSocket,
+        sid: &str,
+        data: Result<Bytes, String>,
+        may_wait: bool,
+    ) {
         let batch_error = |code: ErrorCode, message: String| {
             let msg = error_event(code, message, events::FRAME);
             let _ = me.emit_json(events::ERROR, &to_json(&msg));
@@ -45,7 +54,14 @@ impl P2pSignaling {
         let mut errors: Vec<ErrorMsg> = Vec::new();
         let mut outgoing: Vec<OutBatch> = Vec::new();
         {
-            let st = self.lock();
+            let mut st = self.lock();
+            if may_wait
+                && let Some(waiting) = st.waiting.get_mut(sid)
+                && let Some(me) = me.detached()
+            {
+                waiting.push_back(Queued::Frames { me, data: batch });
+                return;
+            }
             let id = st.peer_id(sid);
             let registered = st.conns.get(&id).is_some_and(|c| c.info.is_some());
             for frame in &frames {

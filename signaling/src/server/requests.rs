@@ -118,12 +118,11 @@ impl P2pSignaling {
                 return;
             };
             let limited = !conn.bucket.take(opts.request_rate, opts.request_burst);
-            let q = Queued { raw, limited };
             if let Some(waiting) = st.waiting.get_mut(sid) {
-                waiting.push_back(q);
+                waiting.push_back(Queued::Request { raw, limited });
                 return;
             }
-            let wait = self.serve_one(&mut st, sid, q, &mut fx);
+            let wait = self.serve_one(&mut st, sid, raw, limited, &mut fx);
             if wait.is_some() {
                 st.waiting.insert(sid.to_owned(), VecDeque::new());
             }
@@ -144,33 +143,46 @@ impl P2pSignaling {
     }
 
     /// Awaits the claim of a waiting request (no lock held), commits it, then runs the
-    /// requests that queued up behind it, until none is left or one waits again.
+    /// requests and frames that queued up behind it, in order, until none is left or a
+    /// request waits again.
     fn spawn_wait(&self, sid: String, first: Deferred) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut d = first;
+            let mut next = Some(first);
             loop {
-                let Deferred { claim, rid, retry } = d;
-                let result = claim.await;
-                let mut fx = Effects::default();
-                let next = {
-                    let mut st = this.lock();
-                    let mut next = this.retry(&mut st, &sid, rid, retry, result, &mut fx);
-                    while next.is_none() {
-                        let Some(q) = st.waiting.get_mut(&sid).and_then(VecDeque::pop_front) else {
-                            break;
-                        };
-                        next = this.serve_one(&mut st, &sid, q, &mut fx);
-                    }
-                    if next.is_none() {
-                        st.waiting.remove(&sid);
-                    }
-                    next
+                let decided = match next.take() {
+                    Some(Deferred { claim, rid, retry }) => Some((rid, retry, claim.await)),
+                    None => None,
                 };
+                let mut fx = Effects::default();
+                let mut frames = None;
+                {
+                    let mut st = this.lock();
+                    next = decided.and_then(|(rid, retry, result)| {
+                        this.retry(&mut st, &sid, rid, retry, result, &mut fx)
+                    });
+                    while next.is_none() {
+                        match st.waiting.get_mut(&sid).and_then(VecDeque::pop_front) {
+                            Some(Queued::Request { raw, limited }) => {
+                                next = this.serve_one(&mut st, &sid, raw, limited, &mut fx);
+                            }
+                            Some(Queued::Frames { me, data }) => {
+                                frames = Some((me, data));
+                                break;
+                            }
+                            None => {
+                                st.waiting.remove(&sid);
+                                break;
+                            }
+                        }
+                    }
+                }
                 this.after_lock(fx);
-                match next {
-                    Some(n) => d = n,
-                    None => break,
+                match frames {
+                    // Relayed without the lock held here; what is queued behind goes next.
+                    Some((me, data)) => this.relay_batch(&*me, &sid, Ok(data), false),
+                    None if next.is_none() => break,
+                    None => {}
                 }
             }
         });
@@ -232,26 +244,24 @@ impl P2pSignaling {
         &self,
         st: &mut State,
         sid: &str,
-        q: Queued,
+        raw: Result<Json, String>,
+        limited: bool,
         fx: &mut Effects,
     ) -> Option<Deferred> {
         let id = st.peer_id(sid);
         let me = st.conns.get(&id)?.socket.clone();
-        let rid = q
-            .raw
+        let rid = raw
             .as_ref()
             .ok()
             .and_then(|v| v.get("rid"))
             .and_then(Json::as_u64)
             .unwrap_or(0);
-        if q.limited {
+        if limited {
             let msg = error_response(rid, ErrorCode::RateLimited, "too many requests");
             fx.out.push(&me, events::RESPONSE, msg);
             return None;
         }
-        let req = q
-            .raw
-            .and_then(|v| serde_json::from_value::<Request>(v).map_err(|e| e.to_string()));
+        let req = raw.and_then(|v| serde_json::from_value::<Request>(v).map_err(|e| e.to_string()));
         let req = match req {
             Ok(req) => req,
             Err(e) => {

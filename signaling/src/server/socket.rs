@@ -130,6 +130,13 @@ impl<A: Adapter> PeerSocket for LocalSocket<A> {
         self.flush_presence();
         self.socket.emit(event, data).map_err(map_send_error)
     }
+    fn detached(&self) -> Option<Arc<dyn PeerSocket>> {
+        Some(Arc::new(LocalSocket {
+            socket: self.socket.clone(),
+            base64: AtomicBool::new(self.base64.load(Ordering::Relaxed)),
+            presence: self.presence.clone(),
+        }))
+    }
     fn set_encoding(&self, encoding: FrameEncoding) {
         self.base64
             .store(encoding == FrameEncoding::Base64, Ordering::Relaxed);
@@ -218,7 +225,7 @@ impl<A: Adapter> FromMessageParts<A> for FrameDone {
                 base64: AtomicBool::new(false),
                 presence: None,
             };
-            sig.relay_batch(&me, &s.id.to_string(), data);
+            sig.relay_batch(&me, &s.id.to_string(), data, true);
         }
         Ok(FrameDone)
     }

@@ -38,6 +38,10 @@ pub(crate) trait PeerSocket: Send + Sync {
     }
     /// The client's `hello` asked for presence batches (local sockets only).
     fn set_batch_presence(&self, _on: bool) {}
+    /// A handle on this socket that can be kept for later (local sockets only).
+    fn detached(&self) -> Option<Arc<dyn PeerSocket>> {
+        None
+    }
 }
 
 /// Token bucket used to limit control requests per socket.
@@ -81,12 +85,20 @@ pub(crate) struct Conn {
     pub(crate) away: Option<u64>,
 }
 
-/// A request that waits for an earlier one of its socket.
-pub(crate) struct Queued {
-    /// The request, or why it could not be read.
-    pub(crate) raw: Result<serde_json::Value, String>,
-    /// It came in beyond the socket's request rate.
-    pub(crate) limited: bool,
+/// A request or a batch of frames that waits for an earlier request of its socket.
+pub(crate) enum Queued {
+    /// A `p2p:req`.
+    Request {
+        /// The request, or why it could not be read.
+        raw: Result<serde_json::Value, String>,
+        /// It came in beyond the socket's request rate.
+        limited: bool,
+    },
+    /// A `p2p:f` batch, and the socket to tell about refused frames.
+    Frames {
+        me: Arc<dyn PeerSocket>,
+        data: Bytes,
+    },
 }
 
 /// A pairing request waiting for its peer to register.
@@ -115,8 +127,8 @@ pub(crate) struct State {
     /// Peers of other nodes (peer id -> node), mirrored from the cluster (always empty on a
     /// single node).
     pub(crate) remote: HashMap<String, String>,
-    /// Socket id -> requests that arrived while an earlier request of that socket waits
-    /// for the cluster (see `requests`); they run in order once it is done.
+    /// Socket id -> requests and frames that arrived while an earlier request of that
+    /// socket waits for the cluster (see `requests`); they run in order once it is done.
     pub(crate) waiting: HashMap<String, VecDeque<Queued>>,
 }
 
