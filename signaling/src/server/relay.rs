@@ -56,6 +56,7 @@ impl P2pSignaling {
         {
             let mut st = self.lock();
             if may_wait
+                && !st.waiting.is_empty()
                 && let Some(waiting) = st.waiting.get_mut(sid)
                 && let Some(me) = me.detached()
             {
