@@ -9,25 +9,33 @@
 //! envelope codec that the peer crate shares.
 //!
 //! ```no_run
-//! use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};
+//! use socketio_p2p_signaling::{P2pSignaling, SignalingOptions, serve};
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let (layer, io) = socketioxide::SocketIo::builder().max_buffer_size(4096).build_layer();
-//! P2pSignaling::new(SignalingOptions::default()).attach(&io); // the one line
-//! let app = axum::Router::new().layer(layer);
+//! let (layer, _signaling) = P2pSignaling::layer(SignalingOptions::default()); // the one line
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! axum::serve(listener, app).await?;
+//! serve(listener, axum::Router::new().layer(layer)).await?; // with TCP_NODELAY
 //! # Ok(()) }
 //! ```
+//!
+//! An app that builds its own `SocketIo` attaches the signaling to it
+//! ([`P2pSignaling::attach`]), or shares a namespace with its own handlers through
+//! [`P2pSignaling::middleware`] (like socket.io-p2p's `io.use(p2p)`):
+//!
+//! ```
+//! use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};
+//! use socketioxide::extract::SocketRef;
+//! use socketioxide::handler::ConnectHandler;
+//! let (_layer, io) = P2pSignaling::socketio().build_layer();
+//! let signaling = P2pSignaling::new(SignalingOptions::default());
+//! io.ns("/", (async |_socket: SocketRef| { /* the app's own events */ }).with(signaling.middleware()));
+//! ```
+mod error;
 pub mod protocol;
 mod service;
+pub use error::Error;
 pub use service::{Service, ServiceError};
 
 #[cfg(feature = "server")]
 mod server;
-/// The redis crate this library uses (build the `redis::Client` of [`RedisCluster`] with it).
-#[cfg(feature = "redis")]
-pub use redis;
-#[cfg(feature = "redis")]
-pub use server::RedisCluster;
 #[cfg(feature = "server")]
-pub use server::{AuthHook, P2pSignaling, PeerHook, SignalingOptions};
+pub use server::*;

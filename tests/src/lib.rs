@@ -14,8 +14,10 @@ use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};
 use socketioxide::SocketIo;
 use tokio::sync::mpsc;
 
+mod app;
 mod redis;
 pub mod sio;
+pub use self::app::*;
 pub use self::redis::*;
 
 pub struct Server {

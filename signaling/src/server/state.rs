@@ -1,11 +1,12 @@
 //! Server-side state: registered peers, rooms, pairs, and the uid registry.
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::protocol::{ErrorCode, PeerInfo};
+use super::book::Services;
+use crate::protocol::PeerInfo;
 
 /// Why an emit to a socket failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,45 +38,9 @@ pub(crate) trait PeerSocket: Send + Sync {
     }
     /// The client's `hello` asked for presence batches (local sockets only).
     fn set_batch_presence(&self, _on: bool) {}
-}
-
-/// The uid registry: who holds which uid. Behind a trait so that a multi-node server can keep it
-/// in a shared store.
-pub(crate) trait UidRegistry: Send + Sync {
-    /// Claims `uid` for `peer`; fails with `UidTaken` if another peer holds it.
-    fn claim(&self, uid: &str, peer: &str) -> Result<(), ErrorCode>;
-    /// Releases `uid` if `peer` holds it.
-    fn release(&self, uid: &str, peer: &str);
-    /// Who holds `uid`.
-    fn holder(&self, uid: &str) -> Option<String>;
-}
-
-/// In-process uid registry.
-#[derive(Default)]
-pub(crate) struct LocalUidRegistry {
-    map: std::sync::Mutex<HashMap<String, String>>,
-}
-
-impl UidRegistry for LocalUidRegistry {
-    fn claim(&self, uid: &str, peer: &str) -> Result<(), ErrorCode> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(uid) {
-            Some(holder) if holder != peer => Err(ErrorCode::UidTaken),
-            _ => {
-                map.insert(uid.to_owned(), peer.to_owned());
-                Ok(())
-            }
-        }
-    }
-    fn release(&self, uid: &str, peer: &str) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(uid).is_some_and(|h| h == peer) {
-            map.remove(uid);
-        }
-    }
-    fn holder(&self, uid: &str) -> Option<String> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(uid).cloned()
+    /// A handle on this socket that can be kept for later (local sockets only).
+    fn detached(&self) -> Option<Arc<dyn PeerSocket>> {
+        None
     }
 }
 
@@ -120,6 +85,22 @@ pub(crate) struct Conn {
     pub(crate) away: Option<u64>,
 }
 
+/// A request or a batch of frames that waits for an earlier request of its socket.
+pub(crate) enum Queued {
+    /// A `p2p:req`.
+    Request {
+        /// The request, or why it could not be read.
+        raw: Result<serde_json::Value, String>,
+        /// It came in beyond the socket's request rate.
+        limited: bool,
+    },
+    /// A `p2p:f` batch, and the socket to tell about refused frames.
+    Frames {
+        me: Arc<dyn PeerSocket>,
+        data: Bytes,
+    },
+}
+
 /// A pairing request waiting for its peer to register.
 pub(crate) struct PendingPair {
     pub(crate) requester: String,
@@ -142,10 +123,13 @@ pub(crate) struct State {
     /// When `issued` was last pruned.
     pub(crate) issued_pruned: Option<Instant>,
     /// Services and topics.
-    pub(crate) services: super::services::Services,
-    /// Peers of other nodes (peer id -> node), mirrored from the cluster.
-    #[cfg(feature = "redis")]
+    pub(crate) services: Services,
+    /// Peers of other nodes (peer id -> node), mirrored from the cluster (always empty on a
+    /// single node).
     pub(crate) remote: HashMap<String, String>,
+    /// Socket id -> requests and frames that arrived while an earlier request of that
+    /// socket waits for the cluster (see `requests`); they run in order once it is done.
+    pub(crate) waiting: HashMap<String, VecDeque<Queued>>,
 }
 
 impl State {

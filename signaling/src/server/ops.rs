@@ -1,0 +1,323 @@
+//! The peer and scope operations: `hello`, `join`, `leave`, `peers`, `pair`, `signal`.
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+use super::cluster::{Claim, Name};
+use super::outbox::{error_response, to_json};
+use super::requests::{Claimed, Ctx, Deferred, Flow, Hello, Retry};
+use super::state::{PendingPair, State};
+use super::{P2pSignaling, new_token};
+use crate::protocol::{
+    ErrorCode, PROTOCOL_VERSION, PeerInfo, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
+};
+
+/// Which id a `hello` registers (see `protocol::Resume`).
+enum Plan {
+    Fresh,
+    /// The peer is away (its connection broke a moment ago): it takes its place back as if
+    /// nothing happened.
+    Back(String),
+    /// An id this server instance never issued (it restarted): granted, and nobody was told
+    /// the peer left.
+    Restart(String),
+}
+
+impl P2pSignaling {
+    /// Register. Decides on the resume first, claims the uid for the id the peer will have
+    /// (waiting for the cluster if need be, without the lock), and only then moves anything.
+    pub(super) fn hello(&self, cx: &mut Ctx<'_>, h: Hello, claimed: Option<Claimed>) -> Flow {
+        if h.version != PROTOCOL_VERSION {
+            return Flow::error(
+                ErrorCode::Unsupported,
+                format!(
+                    "protocol version {} is not supported (server speaks {PROTOCOL_VERSION})",
+                    h.version
+                ),
+            );
+        }
+        let names = h.uid.iter().map(|u| ("uid", u));
+        for (what, name) in names.chain(h.rooms.iter().map(|r| ("room", r))) {
+            if let Err(e) = self.check_name(what, name) {
+                return Flow::Reply(Err(e));
+            }
+        }
+        if h.rooms.len() > self.inner.opts.max_rooms_per_peer {
+            return Flow::error(ErrorCode::BadRequest, "too many rooms");
+        }
+        self.inner.cluster.take_over(self, cx.st, h.resume.as_ref());
+        let plan = self.resume_plan(cx.st, &cx.id, h.resume.as_ref());
+        let target = match &plan {
+            Plan::Fresh => cx.id.clone(),
+            Plan::Back(r) | Plan::Restart(r) => r.clone(),
+        };
+        if let Some(uid) = h.uid.clone() {
+            let result = match claimed {
+                Some(c) if c.uid == uid && c.target == target => c.result,
+                earlier => {
+                    // The plan changed while the claim was in flight: claim again.
+                    if let Some(c) = earlier
+                        && c.result.is_ok()
+                    {
+                        self.inner.cluster.release(Name::Uid, &c.uid, &c.target);
+                    }
+                    match self.inner.cluster.claim(Name::Uid, &uid, &target) {
+                        Claim::Done(r) => r,
+                        Claim::Pending(claim) => {
+                            let retry = Retry::Hello {
+                                hello: h,
+                                uid,
+                                target,
+                            };
+                            return Flow::Wait(Deferred {
+                                claim,
+                                rid: cx.rid,
+                                retry,
+                            });
+                        }
+                    }
+                }
+            };
+            if result.is_err() {
+                return Flow::error(
+                    ErrorCode::UidTaken,
+                    format!("uid {uid:?} is held by another peer"),
+                );
+            }
+        }
+        self.hello_commit(cx, h, plan, target)
+    }
+
+    fn resume_plan(&self, st: &State, id: &str, resume: Option<&Resume>) -> Plan {
+        let Some(r) = resume.filter(|r| {
+            r.id != id && r.id.len() <= self.inner.opts.max_name_len && !r.id.is_empty()
+        }) else {
+            return Plan::Fresh;
+        };
+        match (st.conns.get(&r.id), st.issued.get(&r.id)) {
+            (Some(c), Some((token, _))) if c.away.is_some() && *token == r.token => {
+                Plan::Back(r.id.clone())
+            }
+            (None, None) if !r.token.starts_with(&self.inner.instance) => {
+                Plan::Restart(r.id.clone())
+            }
+            // Held by a live peer, a wrong token, or an id of ours whose departure was
+            // announced: a new id.
+            _ => Plan::Fresh,
+        }
+    }
+
+    /// Registers the peer under `target` once its uid is its own.
+    fn hello_commit(&self, cx: &mut Ctx<'_>, h: Hello, plan: Plan, target: String) -> Flow {
+        let st = &mut *cx.st;
+        let sid = cx.id.as_str();
+        let continued = !matches!(plan, Plan::Fresh);
+        match plan {
+            Plan::Fresh => {}
+            Plan::Back(r) => {
+                if let Some(fresh) = st.conns.remove(sid)
+                    && let Some(conn) = st.conns.get_mut(&r)
+                {
+                    conn.socket = fresh.socket;
+                    conn.away = None;
+                }
+                st.peer_of.insert(sid.to_owned(), r);
+            }
+            Plan::Restart(r) => {
+                if let Some(conn) = st.conns.remove(sid) {
+                    st.conns.insert(r.clone(), conn);
+                }
+                st.peer_of.insert(sid.to_owned(), r);
+            }
+        }
+        let id = target.as_str();
+        let info = PeerInfo {
+            id: id.to_owned(),
+            uid: h.uid.clone(),
+        };
+        if let Some(c) = st.conns.get_mut(id) {
+            c.info = Some(info.clone());
+            c.socket.set_encoding(h.frames);
+            c.socket.set_batch_presence(h.batch_presence);
+        }
+        let mut room_peers = Vec::new();
+        for room in h.rooms {
+            let peers = self.join_room(st, id, &info, &room, cx.out);
+            room_peers.push(RoomPeers { room, peers });
+        }
+        *cx.joined = Some(info);
+        // The welcome goes out before any `paired` it triggers: the peer must know its own
+        // id before it meets anyone.
+        let token = self.issue_token(st, id);
+        self.inner.cluster.up(st, id);
+        tracing::debug!(%id, continued, "peer registered");
+        let welcome = Welcome {
+            id: id.to_owned(),
+            uid: h.uid.clone(),
+            rooms: room_peers,
+            max_frame: self.inner.opts.max_frame,
+            token,
+            continued,
+        };
+        cx.out.push(
+            &cx.me,
+            events::RESPONSE,
+            to_json(&crate::protocol::Response {
+                rid: cx.rid,
+                ok: Some(to_json(&welcome)),
+                error: None,
+            }),
+        );
+        if let Some(uid) = &h.uid
+            && let Some(waiting) = st.pending_pairs.remove(uid)
+        {
+            for w in waiting {
+                self.make_pair(st, &w.requester, w.rid, id, cx.out);
+            }
+        }
+        Flow::Later
+    }
+
+    /// A new resume token for `id`.
+    fn issue_token(&self, st: &mut State, id: &str) -> String {
+        let now = Instant::now();
+        // Forget tokens older than a day, at most once a minute (not at every hello).
+        if st
+            .issued_pruned
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(60))
+        {
+            st.issued_pruned = Some(now);
+            st.issued
+                .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(24 * 3600));
+        }
+        let token = format!("{}.{}", self.inner.instance, new_token(id));
+        st.issued.insert(id.to_owned(), (token.clone(), now));
+        token
+    }
+
+    /// Join a room.
+    pub(super) fn join(&self, cx: &mut Ctx<'_>, me: &PeerInfo, room: String) -> Flow {
+        if let Err(e) = self.check_name("room", &room) {
+            return Flow::Reply(Err(e));
+        }
+        let conn = cx.st.conns.get(&cx.id);
+        let n = conn.map_or(0, |c| c.rooms.len());
+        let already = conn.is_some_and(|c| c.rooms.contains(&room));
+        if !already && n >= self.inner.opts.max_rooms_per_peer {
+            return Flow::error(ErrorCode::BadRequest, "too many rooms");
+        }
+        self.inner.cluster.joined(&cx.id, &room);
+        Flow::ok(to_json(&self.join_room(cx.st, &cx.id, me, &room, cx.out)))
+    }
+
+    /// Leave a room.
+    pub(super) fn leave(&self, cx: &mut Ctx<'_>, me: &PeerInfo, room: String) -> Flow {
+        if !Self::leave_room(cx.st, &cx.id, me, &room, cx.out) {
+            return Flow::error(ErrorCode::UnknownRoom, format!("not in room {room:?}"));
+        }
+        self.inner.cluster.left(&cx.id, &room);
+        Flow::ok(Json::Null)
+    }
+
+    /// The other peers of a room.
+    pub(super) fn peers_of(&self, cx: &mut Ctx<'_>, room: String) -> Flow {
+        if !cx
+            .st
+            .conns
+            .get(&cx.id)
+            .is_some_and(|c| c.rooms.contains(&room))
+        {
+            return Flow::error(ErrorCode::UnknownRoom, format!("not in room {room:?}"));
+        }
+        Flow::ok(to_json(&cx.st.room_peers(&room, &cx.id)))
+    }
+
+    /// Pair with the peer holding `peer_uid`, now or once it registers.
+    pub(super) fn pair(
+        &self,
+        cx: &mut Ctx<'_>,
+        me: &PeerInfo,
+        peer_uid: String,
+        timeout_ms: Option<u64>,
+    ) -> Flow {
+        if let Err(e) = self.check_name("peer_uid", &peer_uid) {
+            return Flow::Reply(Err(e));
+        }
+        if me.uid.as_deref() == Some(peer_uid.as_str()) {
+            return Flow::error(ErrorCode::BadRequest, "cannot pair with yourself");
+        }
+        let st = &mut *cx.st;
+        if let Some(target) = self
+            .inner
+            .cluster
+            .holder(&peer_uid)
+            .filter(|h| st.conns.contains_key(h))
+        {
+            self.make_pair(st, &cx.id, cx.rid, &target, cx.out);
+            return Flow::Later;
+        }
+        let wait = timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.inner.opts.default_pair_timeout)
+            .min(self.inner.opts.max_pair_timeout);
+        st.next_token += 1;
+        let token = st.next_token;
+        let rid = cx.rid;
+        st.pending_pairs
+            .entry(peer_uid.clone())
+            .or_default()
+            .push(PendingPair {
+                requester: cx.id.clone(),
+                rid,
+                token,
+            });
+        let this = self.clone();
+        let me = cx.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let expired = {
+                let mut st = this.lock();
+                let mut found = false;
+                if let Some(w) = st.pending_pairs.get_mut(&peer_uid) {
+                    let before = w.len();
+                    w.retain(|p| p.token != token);
+                    found = w.len() != before;
+                    if w.is_empty() {
+                        st.pending_pairs.remove(&peer_uid);
+                    }
+                }
+                found
+            };
+            if expired {
+                let msg = error_response(
+                    rid,
+                    ErrorCode::PeerOffline,
+                    format!("no peer with uid {peer_uid:?} showed up in {wait:?}"),
+                );
+                let _ = me.emit_json(events::RESPONSE, &msg);
+            }
+        });
+        Flow::Later
+    }
+
+    /// Relay a WebRTC signal to a peer sharing a scope.
+    pub(super) fn signal(&self, cx: &mut Ctx<'_>, to: String, signal: Signal) -> Flow {
+        if let Err(e) = signal.validate() {
+            return Flow::error(ErrorCode::BadSignal, e);
+        }
+        if to == cx.id || !cx.st.share_scope(&cx.id, &to) {
+            return Flow::error(
+                ErrorCode::UnknownPeer,
+                format!("no peer {to:?} in your rooms or pairs"),
+            );
+        }
+        if let Some(sock) = cx.st.socket(&to) {
+            let msg = to_json(&SignalFrom {
+                from: cx.id.clone(),
+                signal,
+            });
+            cx.out.push(&sock, events::SIGNAL, msg);
+        }
+        Flow::ok(Json::Null)
+    }
+}

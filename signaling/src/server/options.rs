@@ -1,0 +1,111 @@
+//! Options of the signaling server.
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+
+use crate::protocol::PeerInfo;
+
+/// Decides whether a connection may join, from its Socket.IO connect `auth` payload
+/// (`null` when none was sent). `Err(reason)` refuses it: the client gets a Socket.IO
+/// `connect_error` whose message is `reason`.
+pub type AuthHook = Arc<dyn Fn(&Json) -> Result<(), String> + Send + Sync>;
+/// Called with a peer's identity when it registers or disconnects.
+pub type PeerHook = Arc<dyn Fn(&PeerInfo) + Send + Sync>;
+
+/// Options of [`P2pSignaling`](super::P2pSignaling). Every field has a default that works.
+#[derive(Clone)]
+pub struct SignalingOptions {
+    pub(super) max_frame: usize,
+    pub(super) max_pair_timeout: Duration,
+    pub(super) default_pair_timeout: Duration,
+    pub(super) request_rate: u32,
+    pub(super) request_burst: u32,
+    pub(super) max_rooms_per_peer: usize,
+    pub(super) max_name_len: usize,
+    pub(super) resume_grace: Duration,
+    pub(super) auth: Option<AuthHook>,
+    pub(super) on_peer_joined: Option<PeerHook>,
+    pub(super) on_peer_left: Option<PeerHook>,
+}
+
+impl Default for SignalingOptions {
+    fn default() -> Self {
+        Self {
+            max_frame: 256 * 1024,
+            max_pair_timeout: Duration::from_secs(60),
+            default_pair_timeout: Duration::from_secs(10),
+            request_rate: 500,
+            request_burst: 1000,
+            max_rooms_per_peer: 64,
+            max_name_len: 128,
+            resume_grace: Duration::from_secs(5),
+            auth: None,
+            on_peer_joined: None,
+            on_peer_left: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for SignalingOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalingOptions")
+            .field("max_frame", &self.max_frame)
+            .field("max_pair_timeout", &self.max_pair_timeout)
+            .field("request_rate", &self.request_rate)
+            .field("request_burst", &self.request_burst)
+            .field("auth", &self.auth.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SignalingOptions {
+    /// Largest relayed frame in bytes (default 256 KiB). Larger frames get `PayloadTooLarge`.
+    /// Peers split bigger messages into frames well below this.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+    /// Longest a pairing request may wait for its peer (default 60 s; the default wait is 10 s).
+    pub fn max_pair_timeout(mut self, d: Duration) -> Self {
+        self.max_pair_timeout = d;
+        self
+    }
+    /// Control requests allowed per socket: `rate` per second, bursts of `burst`
+    /// (default 500/s, 1000). Beyond that, requests get `RateLimited`.
+    pub fn request_rate(mut self, rate: u32, burst: u32) -> Self {
+        self.request_rate = rate;
+        self.request_burst = burst.max(1);
+        self
+    }
+    /// How long a peer whose connection broke (rather than closed) keeps its id, rooms,
+    /// pairs and uid, so that it can reconnect and carry on with nobody noticing (default
+    /// 5 s; zero: tell the others at once). A deliberate disconnect is always final at once.
+    pub fn resume_grace(mut self, d: Duration) -> Self {
+        self.resume_grace = d;
+        self
+    }
+    /// Most rooms one peer may be in (default 64).
+    pub fn max_rooms_per_peer(mut self, n: usize) -> Self {
+        self.max_rooms_per_peer = n;
+        self
+    }
+    /// Accept or refuse connections from their connect `auth` payload.
+    pub fn auth(
+        mut self,
+        hook: impl Fn(&Json) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.auth = Some(Arc::new(hook));
+        self
+    }
+    /// Called when a peer registers.
+    pub fn on_peer_joined(mut self, hook: impl Fn(&PeerInfo) + Send + Sync + 'static) -> Self {
+        self.on_peer_joined = Some(Arc::new(hook));
+        self
+    }
+    /// Called when a registered peer disconnects.
+    pub fn on_peer_left(mut self, hook: impl Fn(&PeerInfo) + Send + Sync + 'static) -> Self {
+        self.on_peer_left = Some(Arc::new(hook));
+        self
+    }
+}

@@ -1,0 +1,78 @@
+//! Control messages collected under the state lock and sent after it, and the JSON helpers
+//! that build them.
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+
+use super::state::PeerSocket;
+use crate::protocol::{ErrorBody, ErrorCode, ErrorMsg, Presence, Response, events};
+
+/// Outgoing messages collected under the lock and sent after it.
+#[derive(Default)]
+pub(super) struct Outbox {
+    msgs: Vec<(Arc<dyn PeerSocket>, Outgoing)>,
+}
+
+/// One outgoing control message.
+pub(super) enum Outgoing {
+    Json(&'static str, Json),
+    /// A presence, serialized once for all its recipients.
+    Presence(Arc<str>),
+}
+
+/// A presence, serialized once for every recipient.
+pub(super) fn presence_text(p: &Presence) -> Arc<str> {
+    serde_json::to_string(p).unwrap_or_default().into()
+}
+
+impl Outbox {
+    pub(super) fn push(&mut self, to: &Arc<dyn PeerSocket>, event: &'static str, data: Json) {
+        let msg = if event == events::PRESENCE {
+            Outgoing::Presence(data.to_string().into())
+        } else {
+            Outgoing::Json(event, data)
+        };
+        self.msgs.push((to.clone(), msg));
+    }
+    pub(super) fn presence(&mut self, to: Arc<dyn PeerSocket>, text: &Arc<str>) {
+        self.msgs.push((to, Outgoing::Presence(text.clone())));
+    }
+    pub(super) fn flush(self) {
+        for (socket, msg) in self.msgs {
+            let (event, sent) = match msg {
+                Outgoing::Presence(text) => (events::PRESENCE, socket.emit_presence(text)),
+                Outgoing::Json(event, data) => (event, socket.emit_json(event, &data)),
+            };
+            if let Err(e) = sent {
+                tracing::debug!(?e, event, "could not deliver control message");
+            }
+        }
+    }
+}
+
+pub(super) fn to_json<T: serde::Serialize>(v: &T) -> Json {
+    serde_json::to_value(v).unwrap_or(Json::Null)
+}
+
+pub(super) fn error_response(rid: u64, code: ErrorCode, message: impl Into<String>) -> Json {
+    to_json(&Response {
+        rid,
+        ok: None,
+        error: Some(ErrorBody {
+            code,
+            message: message.into(),
+        }),
+    })
+}
+
+pub(super) fn error_event(code: ErrorCode, message: impl Into<String>, event: &str) -> ErrorMsg {
+    ErrorMsg {
+        error: ErrorBody {
+            code,
+            message: message.into(),
+        },
+        event: Some(event.to_owned()),
+        to: None,
+        seq: None,
+    }
+}

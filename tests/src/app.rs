@@ -1,0 +1,90 @@
+//! Servers whose app builds its own namespaces (the signaling as a middleware, or the
+//! one-line layer), and raw clients that listen to the app's own events too.
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use rust_socketio::asynchronous::ClientBuilder;
+use rust_socketio::{Event as SioEvent, Payload as SioPayload};
+use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};
+use socketioxide::SocketIo;
+use tokio::sync::mpsc;
+
+use crate::{Raw, Server, init_tracing};
+
+/// Serves an app on 127.0.0.1 (any free port), with TCP_NODELAY (`socketio_p2p_signaling::serve`):
+/// `build` sets up the namespaces of a `SocketIo` built with the relay's settings
+/// (`P2pSignaling::socketio`), and of the signaling server made with `opts`.
+pub async fn spawn_app(
+    opts: SignalingOptions,
+    build: impl FnOnce(&SocketIo, &P2pSignaling),
+) -> Server {
+    init_tracing();
+    let signaling = P2pSignaling::new(opts);
+    let (layer, io) = P2pSignaling::socketio().build_layer();
+    build(&io, &signaling);
+    serve_layer(layer, io, signaling).await
+}
+
+/// Serves the one-line server of `P2pSignaling::layer`.
+pub async fn spawn_layer(opts: SignalingOptions) -> Server {
+    init_tracing();
+    let (layer, signaling) = P2pSignaling::layer(opts);
+    // The layer's own `SocketIo` is not handed out; a second one stands in for the field.
+    let (_, io) = SocketIo::new_layer();
+    serve_layer(layer, io, signaling).await
+}
+
+async fn serve_layer(
+    layer: socketioxide::layer::SocketIoLayer,
+    io: SocketIo,
+    signaling: P2pSignaling,
+) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().layer(layer);
+    let task = tokio::spawn(async move {
+        let _ = socketio_p2p_signaling::serve(listener, app).await;
+    });
+    Server {
+        addr,
+        signaling,
+        io,
+        task,
+    }
+}
+
+impl Raw {
+    /// Like [`Raw::connect`], and also listens to the app's events `extra`.
+    pub async fn connect_with(server: &Server, extra: &[&str]) -> Raw {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut b = ClientBuilder::new(server.url()).reconnect(false);
+        let events = ["p2p:res", "p2p:error", "p2p:f", "p2p:sig", "p2p:presence"];
+        for ev in events.iter().chain(extra) {
+            let tx = tx.clone();
+            let name = (*ev).to_owned();
+            b = b.on(*ev, move |p, _| {
+                let _ = tx.send((name.clone(), p));
+                async {}.boxed()
+            });
+        }
+        let t = tx.clone();
+        b = b.on(SioEvent::Connect, move |p, _| {
+            let _ = t.send(("connect".to_owned(), p));
+            async {}.boxed()
+        });
+        let client = b.connect().await.expect("raw connect");
+        let mut raw = Raw { client, rx };
+        raw.expect("connect").await;
+        raw
+    }
+
+    /// The next message of any event, if one comes within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<(String, SioPayload)> {
+        tokio::time::timeout(wait, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
