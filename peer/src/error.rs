@@ -14,6 +14,10 @@ pub enum Error {
     /// we were waiting for it).
     #[error("peer offline: {0}")]
     PeerOffline(String),
+    /// The server's authorization hook refused this action (join, pair, provide,
+    /// subscribe or publish); the text is its reason.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// The uid is held by another connected peer.
     #[error("uid taken: {0}")]
     UidTaken(String),
@@ -86,6 +90,7 @@ impl Error {
             ErrorCode::NoSuchService => Error::NoSuchService(message),
             ErrorCode::ServiceGone => Error::ServiceGone(message),
             ErrorCode::Timeout => Error::Timeout(message),
+            ErrorCode::Forbidden => Error::Forbidden(message),
             code => Error::Rejected { code, message },
         }
     }

@@ -429,6 +429,8 @@ pub enum ErrorCode {
     ServiceGone,
     /// The provider did not answer in time.
     Timeout,
+    /// The server's authorization hook refused this action (the message says why).
+    Forbidden,
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -54,15 +54,16 @@ impl<A: Adapter> ConnectMiddleware<A, SignalingMiddleware> for SignalingMiddlewa
         s: Arc<Socket<A>>,
         auth: &'a Option<Value>,
     ) -> Result<(), Box<dyn Display + Send>> {
-        if let Some(hook) = &self.sig.inner.opts.auth {
-            let data = TryData::<Json>::from_connect_parts(&s, auth)
-                .map(|TryData(d)| d.unwrap_or(Json::Null))
-                .unwrap_or(Json::Null);
-            if let Err(reason) = hook(&data) {
-                return Err(Box::new(AuthRejected(reason)));
-            }
+        let data = TryData::<Json>::from_connect_parts(&s, auth)
+            .map(|TryData(d)| d.unwrap_or(Json::Null))
+            .unwrap_or(Json::Null);
+        if let Some(hook) = &self.sig.inner.opts.auth
+            && let Err(reason) = hook(data.clone()).await
+        {
+            return Err(Box::new(AuthRejected(reason)));
         }
-        self.sig.register_socket(&SocketRef::from(s), self.fallback);
+        self.sig
+            .register_socket(&SocketRef::from(s), self.fallback, data);
         Ok(())
     }
 }
@@ -156,10 +157,10 @@ impl P2pSignaling {
     /// have sent its first request. The protocol takes the `p2p:*` events and the fallback
     /// handler of this socket.
     pub fn register<A: Adapter>(&self, socket: &SocketRef<A>) {
-        self.register_socket(socket, true);
+        self.register_socket(socket, true, Json::Null);
     }
 
-    fn register_socket<A: Adapter>(&self, socket: &SocketRef<A>, fallback: bool) {
+    fn register_socket<A: Adapter>(&self, socket: &SocketRef<A>, fallback: bool, auth: Json) {
         let s: &Socket<A> = socket;
         s.extensions.insert(self.clone());
         let conn = Conn {
@@ -169,6 +170,7 @@ impl P2pSignaling {
             pairs: HashSet::new(),
             bucket: TokenBucket::new(self.inner.opts.request_burst),
             away: None,
+            auth,
         };
         self.lock().conns.insert(socket.id.to_string(), conn);
         socket.on(events::REQUEST, async |_: RequestDone| {});

@@ -7,6 +7,7 @@
 //! - `state` and `book`: what the server knows; `cluster`: what it tells other nodes
 //!   (`redis_cluster`: the Redis implementation).
 mod attach;
+mod authz;
 mod book;
 mod cluster;
 mod ops;
@@ -20,7 +21,8 @@ mod socket;
 mod state;
 
 pub use attach::{SignalingMiddleware, serve};
-pub use options::{AuthHook, PeerHook, SignalingOptions};
+pub use authz::{Action, Authorization};
+pub use options::{AuthHook, AuthorizeHook, BoxFuture, PeerHook, SignalingOptions};
 
 // The one place where the `redis` feature comes in: the Redis implementation of
 // `cluster::Cluster`, its options and the redis crate it is built with.

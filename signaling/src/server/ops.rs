@@ -5,7 +5,7 @@ use serde_json::Value as Json;
 
 use super::cluster::{Claim, Name};
 use super::outbox::{error_response, to_json};
-use super::requests::{Claimed, Ctx, Deferred, Flow, Hello, Retry};
+use super::requests::{Claimed, Ctx, Deferred, Flow, Hello, Retry, wait_claim};
 use super::state::{PendingPair, State};
 use super::{P2pSignaling, new_token};
 use crate::protocol::{
@@ -70,7 +70,7 @@ impl P2pSignaling {
                                 target,
                             };
                             return Flow::Wait(Deferred {
-                                claim,
+                                wait: wait_claim(claim),
                                 rid: cx.rid,
                                 retry,
                             });

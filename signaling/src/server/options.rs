@@ -9,7 +9,13 @@ use crate::protocol::PeerInfo;
 /// Decides whether a connection may join, from its Socket.IO connect `auth` payload
 /// (`null` when none was sent). `Err(reason)` refuses it: the client gets a Socket.IO
 /// `connect_error` whose message is `reason`.
-pub type AuthHook = Arc<dyn Fn(&Json) -> Result<(), String> + Send + Sync>;
+pub type AuthHook = Arc<dyn Fn(Json) -> BoxFuture<Result<(), String>> + Send + Sync>;
+/// Decides whether a peer may do an [`Action`](super::Action): see
+/// [`SignalingOptions::authorize`].
+pub type AuthorizeHook =
+    Arc<dyn Fn(super::Authorization) -> BoxFuture<Result<(), String>> + Send + Sync>;
+/// A boxed future of a hook.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 /// Called with a peer's identity when it registers or disconnects.
 pub type PeerHook = Arc<dyn Fn(&PeerInfo) + Send + Sync>;
 
@@ -25,6 +31,7 @@ pub struct SignalingOptions {
     pub(super) max_name_len: usize,
     pub(super) resume_grace: Duration,
     pub(super) auth: Option<AuthHook>,
+    pub(super) authorize: Option<AuthorizeHook>,
     pub(super) on_peer_joined: Option<PeerHook>,
     pub(super) on_peer_left: Option<PeerHook>,
 }
@@ -41,6 +48,7 @@ impl Default for SignalingOptions {
             max_name_len: 128,
             resume_grace: Duration::from_secs(5),
             auth: None,
+            authorize: None,
             on_peer_joined: None,
             on_peer_left: None,
         }
@@ -55,6 +63,7 @@ impl std::fmt::Debug for SignalingOptions {
             .field("request_rate", &self.request_rate)
             .field("request_burst", &self.request_burst)
             .field("auth", &self.auth.is_some())
+            .field("authorize", &self.authorize.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -95,7 +104,58 @@ impl SignalingOptions {
         mut self,
         hook: impl Fn(&Json) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
-        self.auth = Some(Arc::new(hook));
+        self.auth = Some(Arc::new(move |auth: Json| {
+            let r = hook(&auth);
+            Box::pin(async move { r })
+        }));
+        self
+    }
+
+    /// Like [`SignalingOptions::auth`], with an asynchronous hook (to ask a database or a
+    /// session store).
+    ///
+    /// ```
+    /// use socketio_p2p_signaling::SignalingOptions;
+    /// let opts = SignalingOptions::default().auth_async(|auth| async move {
+    ///     match auth.get("token").and_then(|t| t.as_str()) {
+    ///         Some("secret") => Ok(()),
+    ///         _ => Err("bad token".to_owned()),
+    ///     }
+    /// });
+    /// ```
+    pub fn auth_async<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(Json) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.auth = Some(Arc::new(move |auth: Json| Box::pin(hook(auth))));
+        self
+    }
+
+    /// Decides, for each peer, whether it may join a room, pair with a uid, provide a
+    /// service, subscribe to a topic or publish to one. The hook gets the peer, what its
+    /// connection's `auth` payload was (as accepted at connect) and the
+    /// [`Action`](super::Action); `Err(reason)` refuses the action, and the peer gets a
+    /// `Forbidden` error with `reason`. The hook is asynchronous: only the asking peer's
+    /// later requests wait for it. Rooms given in `hello` are joins too.
+    ///
+    /// ```
+    /// use socketio_p2p_signaling::{Action, SignalingOptions};
+    /// // Per-user rooms: a peer may only join the room named after its user.
+    /// let opts = SignalingOptions::default().authorize(|a| async move {
+    ///     let user = a.auth.get("user").and_then(|u| u.as_str()).unwrap_or("");
+    ///     match &a.action {
+    ///         Action::Join { room } if room != user => Err(format!("{room} is not yours")),
+    ///         _ => Ok(()),
+    ///     }
+    /// });
+    /// ```
+    pub fn authorize<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(super::Authorization) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.authorize = Some(Arc::new(move |a| Box::pin(hook(a))));
         self
     }
     /// Called when a peer registers.

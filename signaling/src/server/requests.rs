@@ -77,9 +77,25 @@ pub(super) struct Claimed {
     pub(super) result: Result<(), ClaimFail>,
 }
 
-/// A request waiting for a claim.
+/// What a waiting request waited for.
+pub(super) enum Decided {
+    /// A name claimed in the cluster (or refused).
+    Claim(Result<(), ClaimFail>),
+    /// The authorization hook's answer.
+    Authorized(Result<(), String>),
+}
+
+/// What a request waits for, awaited without the state lock.
+pub(super) type WaitFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Decided> + Send>>;
+
+/// Waits for a claim.
+pub(super) fn wait_claim(claim: ClaimFuture) -> WaitFuture {
+    Box::pin(async move { Decided::Claim(claim.await) })
+}
+
+/// A request waiting for a claim or an authorization.
 pub(super) struct Deferred {
-    pub(super) claim: ClaimFuture,
+    pub(super) wait: WaitFuture,
     pub(super) rid: u64,
     pub(super) retry: Retry,
 }
@@ -94,14 +110,19 @@ pub(super) enum Retry {
     },
     /// A `provide` that claimed `service` for peer `id`.
     Provide { service: String, id: String },
+    /// An operation of peer `peer` that the authorization hook was asked about.
+    Authorized { op: Box<Op>, peer: String },
+    /// A `hello` whose rooms the authorization hook was asked about.
+    AuthorizedHello { hello: Box<Hello> },
 }
 
 impl Retry {
-    /// The name claimed and its holder.
-    fn claimed(&self) -> (Name, &str, &str) {
+    /// The name claimed and its holder, if the request claimed one.
+    fn claimed(&self) -> Option<(Name, &str, &str)> {
         match self {
-            Retry::Hello { uid, target, .. } => (Name::Uid, uid, target),
-            Retry::Provide { service, id } => (Name::Service, service, id),
+            Retry::Hello { uid, target, .. } => Some((Name::Uid, uid, target)),
+            Retry::Provide { service, id } => Some((Name::Service, service, id)),
+            Retry::Authorized { .. } | Retry::AuthorizedHello { .. } => None,
         }
     }
 }
@@ -151,7 +172,7 @@ impl P2pSignaling {
             let mut next = Some(first);
             loop {
                 let decided = match next.take() {
-                    Some(Deferred { claim, rid, retry }) => Some((rid, retry, claim.await)),
+                    Some(Deferred { wait, rid, retry }) => Some((rid, retry, wait.await)),
                     None => None,
                 };
                 let mut fx = Effects::default();
@@ -196,20 +217,23 @@ impl P2pSignaling {
         sid: &str,
         rid: u64,
         retry: Retry,
-        result: Result<(), ClaimFail>,
+        decided: Decided,
         fx: &mut Effects,
     ) -> Option<Deferred> {
         let id = st.peer_id(sid);
         let conn = st.conns.get(&id);
         let info = conn.and_then(|c| c.info.clone());
         let still = match &retry {
-            Retry::Hello { .. } => conn.is_some() && info.is_none(),
-            Retry::Provide { id: holder, .. } => info.as_ref().is_some_and(|i| i.id == *holder),
+            Retry::Hello { .. } | Retry::AuthorizedHello { .. } => conn.is_some() && info.is_none(),
+            Retry::Provide { id: holder, .. } | Retry::Authorized { peer: holder, .. } => {
+                info.as_ref().is_some_and(|i| i.id == *holder)
+            }
         };
         let Some(me) = conn.map(|c| c.socket.clone()).filter(|_| still) else {
-            let (kind, name, holder) = retry.claimed();
-            tracing::debug!(sid, name, "request dropped while it waited for the cluster");
-            if result.is_ok() {
+            tracing::debug!(sid, "request dropped while it waited");
+            if let (Some((kind, name, holder)), Decided::Claim(Ok(()))) =
+                (retry.claimed(), &decided)
+            {
                 self.inner.cluster.release(kind, name, holder);
             }
             return None;
@@ -222,8 +246,8 @@ impl P2pSignaling {
             rid,
             joined: &mut fx.joined,
         };
-        let flow = match retry {
-            Retry::Hello { hello, uid, target } => {
+        let flow = match (retry, decided) {
+            (Retry::Hello { hello, uid, target }, Decided::Claim(result)) => {
                 let claimed = Claimed {
                     uid,
                     target,
@@ -231,10 +255,22 @@ impl P2pSignaling {
                 };
                 self.hello(&mut cx, hello, Some(claimed))
             }
-            Retry::Provide { service, .. } => match info {
+            (Retry::Provide { service, .. }, Decided::Claim(result)) => match info {
                 Some(info) => self.provide_op(&mut cx, &info, service, Some(result)),
                 None => Flow::Later,
             },
+            (Retry::Authorized { op, .. }, Decided::Authorized(Ok(()))) => match info {
+                Some(info) => self.run_op(&mut cx, &info, *op),
+                None => Flow::Later,
+            },
+            (Retry::AuthorizedHello { hello }, Decided::Authorized(Ok(()))) => {
+                self.hello(&mut cx, *hello, None)
+            }
+            (_, Decided::Authorized(Err(reason))) => Flow::error(ErrorCode::Forbidden, reason),
+            (_, Decided::Claim(_)) | (_, Decided::Authorized(Ok(()))) => {
+                tracing::warn!(sid, "a waiting request got an answer it did not wait for");
+                Flow::Later
+            }
         };
         cx.finish(flow)
     }
@@ -305,13 +341,25 @@ impl P2pSignaling {
                     frames,
                     batch_presence,
                 };
-                return self.hello(cx, hello, None);
+                return match self.authorize_hello(cx, hello) {
+                    Ok(wait) => wait,
+                    Err(hello) => self.hello(cx, hello, None),
+                };
             }
             (op, _) => op,
         };
         let Some(me) = info else {
             return Flow::error(ErrorCode::NotRegistered, "send hello first");
         };
+        match self.authorize_op(cx, &me, op) {
+            Ok(wait) => wait,
+            Err(op) => self.run_op(cx, &me, op),
+        }
+    }
+
+    /// Runs one operation of a registered peer (authorized, if the hook is set).
+    fn run_op(&self, cx: &mut Ctx<'_>, me: &PeerInfo, op: Op) -> Flow {
+        let me = me.clone();
         match op {
             Op::Hello { .. } => Flow::error(ErrorCode::AlreadyRegistered, "hello was already sent"),
             Op::Join { room } => self.join(cx, &me, room),

@@ -10,7 +10,7 @@ use super::P2pSignaling;
 use super::book::{InFlight, Provider};
 use super::cluster::{Claim, ClaimFail, Name};
 use super::outbox::{Outbox, error_response, to_json};
-use super::requests::{Ctx, Deferred, Flow, Retry};
+use super::requests::{Ctx, Deferred, Flow, Retry, wait_claim};
 use super::state::State;
 use crate::protocol::{CallFor, CallOutcome, ErrorCode, PeerInfo, Publication, Response, events};
 use crate::service::Service;
@@ -143,7 +143,7 @@ impl P2pSignaling {
                         id: id.to_owned(),
                     };
                     return Flow::Wait(Deferred {
-                        claim,
+                        wait: wait_claim(claim),
                         rid: cx.rid,
                         retry,
                     });

@@ -83,6 +83,8 @@ pub(crate) struct Conn {
     /// The connection broke (not a deliberate disconnect): the peer keeps its id, rooms,
     /// pairs and uid for a grace period, to resume. The number tells one absence from the next.
     pub(crate) away: Option<u64>,
+    /// The `auth` payload the connection was accepted with (`null` if none).
+    pub(crate) auth: serde_json::Value,
 }
 
 /// A request or a batch of frames that waits for an earlier request of its socket.

@@ -99,6 +99,7 @@ impl P2pSignaling {
                         pairs: HashSet::new(),
                         bucket: TokenBucket::new(1),
                         away: None,
+                        auth: serde_json::Value::Null,
                     },
                 );
                 st.remote.insert(id.clone(), node.to_owned());
