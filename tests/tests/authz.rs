@@ -134,10 +134,7 @@ async fn rooms_in_hello_and_pairing_go_through_the_hook() {
     .await;
     forbidden(r, "pair");
     let url = s.url();
-    let a = P2p::connect(
-        &url,
-        relay_opts().auth(json!({"user": "eve"})).uid("eve-2"),
-    );
+    let a = P2p::connect(&url, relay_opts().auth(json!({"user": "eve"})).uid("eve-2"));
     let b = P2p::connect(
         &url,
         relay_opts()

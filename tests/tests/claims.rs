@@ -40,7 +40,7 @@ async fn a_slow_claim_holds_up_only_the_requests_that_need_it() {
     wait_peers(&a, 1).await;
     wait_peers(&b, 1).await;
     b.on("ping", |ev| {
-        let n: u64 = ev.json().unwrap_or(0);
+        let n: u64 = ev.decode_json().unwrap_or(0);
         ev.reply(json!(n));
     });
     a.to(b.id()).emit_with_ack("ping", json!(0)).await.unwrap();

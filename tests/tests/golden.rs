@@ -42,7 +42,7 @@ fn describe(f: &Frame) -> Value {
                 ack_id,
                 payload: p,
             } => {
-                json!({"type": "event", "event": event, "ackId": ack_id.unwrap_or(0), "payload": payload(p)})
+                json!({"type": "event", "event": event, "ackId": ack_id.map_or(0, std::num::NonZeroU64::get), "payload": payload(p)})
             }
             Msg::Reply { ack_id, payload: p } => {
                 json!({"type": "reply", "ackId": ack_id, "payload": payload(p)})
@@ -156,7 +156,7 @@ fn rust_frames() -> Vec<(&'static str, Frame)> {
                     false,
                     Msg::Event {
                         event: "héllo ✓".into(),
-                        ack_id: Some(16384),
+                        ack_id: std::num::NonZeroU64::new(16384),
                         payload: json_payload(""),
                     },
                 ),
@@ -172,7 +172,7 @@ fn rust_frames() -> Vec<(&'static str, Frame)> {
                     true,
                     Msg::Event {
                         event: "f".into(),
-                        ack_id: Some(4),
+                        ack_id: std::num::NonZeroU64::new(4),
                         payload: bin(&big),
                     },
                 ),

@@ -193,7 +193,10 @@ async fn p2p_peers_on_the_apps_namespace() {
     x.emit("peer-msg", json!({"textVal": "p2p"})).await.unwrap();
     let ev = recv(&mut at_y, 10).await;
     assert_eq!(ev.from(), x.id());
-    assert_eq!(ev.json::<Value>().unwrap(), json!({"textVal": "p2p"}));
+    assert_eq!(
+        ev.decode_json::<Value>().unwrap(),
+        json!({"textVal": "p2p"})
+    );
 
     // The app's own broadcast goes on beside them (the peers get it too, as plain
     // Socket.IO events they do not listen to).
@@ -211,7 +214,10 @@ async fn the_one_line_server() {
     wait_peers(&x, 1).await;
     let mut at_y = collect(&y, "chat");
     x.emit("chat", "hi").await.unwrap();
-    assert_eq!(recv(&mut at_y, 10).await.json::<String>().unwrap(), "hi");
+    assert_eq!(
+        recv(&mut at_y, 10).await.decode_json::<String>().unwrap(),
+        "hi"
+    );
     // The namespace is the signaling's alone there: unknown events get `UnknownEvent`.
     let mut raw = Raw::connect(&s).await;
     raw.emit("mystery", json!(1)).await;

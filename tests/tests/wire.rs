@@ -134,7 +134,7 @@ async fn mixed_room_of_binary_and_base64_clients() {
         2,
         Msg::Event {
             event: "double".into(),
-            ack_id: Some(7),
+            ack_id: std::num::NonZeroU64::new(7),
             payload: WirePayload::Json(Bytes::from_static(b"21")),
         },
     ));

@@ -58,8 +58,10 @@ impl Core {
                     self.credit(CreditOp::Release(peer.clone(), frames));
                     return reply(Err(Error::PeerOffline(peer)));
                 }
+                // Ids start at 1: on the wire, 0 means "no reply wanted".
+                let wire_id = std::num::NonZeroU64::MIN.saturating_add(self.next_ack);
                 self.next_ack += 1;
-                let ack_id = self.next_ack;
+                let ack_id = wire_id.get();
                 self.deadlines.set(Timer::Ack(ack_id), self.now + timeout);
                 self.acks.insert(
                     ack_id,
@@ -70,7 +72,7 @@ impl Core {
                 );
                 let msg = Msg::Event {
                     event,
-                    ack_id: Some(ack_id),
+                    ack_id: Some(wire_id),
                     payload,
                 };
                 self.push_counted(&peer, msg, frames);

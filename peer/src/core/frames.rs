@@ -161,7 +161,7 @@ impl Core {
                     Ok(p) => p,
                     Err(e) => {
                         if let Some(ack_id) = ack_id {
-                            self.reply_error(from, ack_id, "BadPayload", &e.to_string());
+                            self.reply_error(from, ack_id.get(), "BadPayload", &e.to_string());
                         }
                         return None;
                     }
@@ -172,7 +172,7 @@ impl Core {
                     from: Arc::new(peer.info.clone()),
                     payload,
                     transport: via,
-                    ack_id,
+                    ack_id: ack_id.map(std::num::NonZeroU64::get),
                 });
             }
             Msg::Reply { ack_id, payload } => {

@@ -356,7 +356,7 @@ impl Link {
                 } else if p.too_large {
                     Some(Delivered::TooLarge {
                         reply_to: match p.first {
-                            Msg::Event { ack_id, .. } => ack_id,
+                            Msg::Event { ack_id, .. } => ack_id.map(std::num::NonZeroU64::get),
                             _ => None,
                         },
                         failed_reply: match p.first {

@@ -91,7 +91,7 @@ fn fragments_and_reassembles() {
     let big: Vec<u8> = (0..(CHUNK * 3 + 17)).map(|i| (i % 251) as u8).collect();
     let msg = Msg::Event {
         event: "f".into(),
-        ack_id: Some(4),
+        ack_id: std::num::NonZeroU64::new(4),
         payload: WirePayload::Binary(Bytes::from(big)),
     };
     a.push(msg.clone(), false).ok();
@@ -118,7 +118,7 @@ fn oversized_reassembly_is_refused() {
     a.push(
         Msg::Event {
             event: "f".into(),
-            ack_id: Some(9),
+            ack_id: std::num::NonZeroU64::new(9),
             payload: WirePayload::Binary(Bytes::from(big)),
         },
         false,

@@ -102,8 +102,8 @@ pub enum Msg {
     Event {
         /// Application event name (any string).
         event: String,
-        /// Set when the sender waits for a reply.
-        ack_id: Option<u64>,
+        /// Set when the sender waits for a reply (never 0: on the wire, 0 means none).
+        ack_id: Option<std::num::NonZeroU64>,
         /// The payload (or the first part of it when fragmented).
         payload: WirePayload,
     },
@@ -319,7 +319,7 @@ fn encode_msg(buf: &mut BytesMut, msg: &Msg) -> Result<(), CodecError> {
             payload,
         } => {
             buf.put_u8(MSG_EVENT);
-            put_varint(buf, ack_id.map_or(0, |a| a));
+            put_varint(buf, ack_id.map_or(0, std::num::NonZeroU64::get));
             put_varint(buf, event.len() as u64);
             buf.put_slice(event.as_bytes());
             buf.put_slice(payload.bytes());
@@ -394,7 +394,7 @@ fn decode_msg(r: &mut Reader<'_>, frame: &Bytes, flags: u8) -> Result<Msg, Codec
             let event = r.str_var("event")?.to_owned();
             Msg::Event {
                 event,
-                ack_id: (ack != 0).then_some(ack),
+                ack_id: std::num::NonZeroU64::new(ack),
                 payload: payload(r.pos),
             }
         }

@@ -13,10 +13,11 @@ fn arb_payload() -> impl Strategy<Value = WirePayload> {
 
 fn arb_msg() -> impl Strategy<Value = Msg> {
     prop_oneof![
-        (".{0,20}", proptest::option::of(1u64..), arb_payload()).prop_map(
+        // Any id, 0 included: the type cannot hold an ack id 0 (on the wire, 0 is "none").
+        (".{0,20}", proptest::option::of(any::<u64>()), arb_payload()).prop_map(
             |(event, ack_id, payload)| Msg::Event {
                 event,
-                ack_id,
+                ack_id: ack_id.and_then(std::num::NonZeroU64::new),
                 payload
             }
         ),
