@@ -57,6 +57,9 @@ use crate::core::streams::StreamCmd;
 use crate::core::{Command as Cmd, NetIn, Reply};
 use dispatch::Registry;
 
+/// Publications a [`Subscription`] holds before it misses some.
+const SUBSCRIPTION_QUEUE: usize = 1024;
+
 /// A reply that goes to a oneshot channel.
 fn reply_to<T: Send + 'static>(tx: oneshot::Sender<Result<T>>) -> Reply<T> {
     Box::new(move |r| {
@@ -370,8 +373,24 @@ impl P2p {
     /// # Ok(()) }
     /// ```
     pub async fn subscribe(&self, topic: &str) -> Result<Subscription> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let sink: core::TopicSink = Box::new(move |p| tx.send(p).is_ok());
+        // A bounded queue: a subscriber that does not read misses publications (and the
+        // next one it gets says how many), instead of holding them all in memory.
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let mut missed = 0u64;
+        let sink: core::TopicSink = Box::new(move |mut p: Publication| {
+            p.missed += missed;
+            match tx.try_send(p) {
+                Ok(()) => {
+                    missed = 0;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(p)) => {
+                    missed = p.missed + 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
         let id = self
             .call(|reply| Cmd::Subscribe {
                 topic: topic.to_owned(),

@@ -62,11 +62,15 @@ impl ServiceRef<'_> {
 
 /// The publications of one topic, from [`crate::P2p::subscribe`]. A [`Stream`] of
 /// [`Publication`]s; dropping it unsubscribes.
+///
+/// It holds up to 1024 publications (and the server up to its socket buffer): a subscriber
+/// that does not keep up misses some, and the next publication it gets tells how many in
+/// [`Publication::missed`], like a lagging receiver of a broadcast channel.
 #[derive(Debug)]
 pub struct Subscription {
     pub(crate) topic: String,
     pub(crate) id: u64,
-    pub(crate) rx: mpsc::UnboundedReceiver<Publication>,
+    pub(crate) rx: mpsc::Receiver<Publication>,
     pub(crate) cmds: mpsc::UnboundedSender<Cmd>,
 }
 

@@ -530,6 +530,7 @@ fn control_messages() -> Vec<(&'static str, Value)> {
                 topic: "news".into(),
                 from: None,
                 data: json!({"title": "hi"}),
+                missed: 0,
             })
             .unwrap(),
         ),

@@ -254,3 +254,70 @@ async fn peer_at(url: &str) -> P2p {
         .unwrap()
         .unwrap()
 }
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_does_not_read_misses_publications_and_learns_how_many() {
+    let s = spawn_server().await;
+    let p = peer(&s, relay_opts()).await;
+    let mut sub = p.subscribe("firehose").await.unwrap();
+    let base = rss_kib();
+    // A million publications go by while the subscriber reads nothing.
+    const N: u64 = 1_000_000;
+    for i in 0..N {
+        s.signaling.publish("firehose", i);
+        if i % 10_000 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let grew_mib = rss_kib().saturating_sub(base) / 1024;
+    // Then it reads: what it missed is counted in what it gets, and nothing is counted twice.
+    let mut got = 0u64;
+    let mut missed = 0u64;
+    let mut last = None;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+            Ok(Some(pb)) => {
+                let n = pb.data.as_u64().unwrap();
+                assert!(
+                    last.is_none_or(|l| n > l),
+                    "out of order: {n} after {last:?}"
+                );
+                last = Some(n);
+                got += 1;
+                missed += pb.missed;
+            }
+            Ok(None) => panic!("subscription closed"),
+            Err(_) => break,
+        }
+    }
+    // The last one tells how many went by since the one before it.
+    s.signaling.publish("firehose", N);
+    let end = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end.data.as_u64(), Some(N));
+    missed += end.missed;
+    assert!(got < N, "nothing was missed: the queue is not bounded");
+    assert!(missed > 0);
+    assert_eq!(got + missed, N, "got {got}, told of {missed} missed");
+    assert!(grew_mib < 200, "memory grew by {grew_mib} MiB");
+    // The peer still works.
+    p.publish("firehose", json!("after")).await.unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.data, json!("after"));
+}

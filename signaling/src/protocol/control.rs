@@ -214,6 +214,14 @@ pub struct Publication {
     /// What was published.
     #[serde(default)]
     pub data: serde_json::Value,
+    /// Publications of this topic the subscriber missed just before this one, because it
+    /// did not read them in time (its queue on the server or in the client was full).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub missed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A reconnecting peer asks for its previous id back.

@@ -18,6 +18,8 @@ pub(super) enum Outgoing {
     Json(&'static str, Json),
     /// A presence, serialized once for all its recipients.
     Presence(Arc<str>),
+    /// A publication of a topic.
+    Publication(Arc<str>, Json),
 }
 
 /// A presence, serialized once for every recipient.
@@ -34,6 +36,10 @@ impl Outbox {
         };
         self.msgs.push((to.clone(), msg));
     }
+    pub(super) fn publication(&mut self, to: Arc<dyn PeerSocket>, topic: &Arc<str>, data: Json) {
+        self.msgs
+            .push((to, Outgoing::Publication(topic.clone(), data)));
+    }
     pub(super) fn presence(&mut self, to: Arc<dyn PeerSocket>, text: &Arc<str>) {
         self.msgs.push((to, Outgoing::Presence(text.clone())));
     }
@@ -42,6 +48,9 @@ impl Outbox {
             let (event, sent) = match msg {
                 Outgoing::Presence(text) => (events::PRESENCE, socket.emit_presence(text)),
                 Outgoing::Json(event, data) => (event, socket.emit_json(event, &data)),
+                Outgoing::Publication(topic, data) => {
+                    (events::TOPIC, socket.emit_publication(&topic, &data))
+                }
             };
             if let Err(e) = sent {
                 tracing::debug!(?e, event, "could not deliver control message");

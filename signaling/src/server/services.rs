@@ -422,11 +422,13 @@ pub(super) fn publish_locked(
         topic: topic.to_owned(),
         from,
         data,
+        missed: 0,
     });
+    let name: std::sync::Arc<str> = topic.into();
     let mut n = 0;
     for id in subs {
         if let Some(sock) = st.socket(id) {
-            out.push(&sock, events::TOPIC, msg.clone());
+            out.publication(sock, &name, msg.clone());
             n += 1;
         }
     }

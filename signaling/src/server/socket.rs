@@ -1,5 +1,6 @@
 //! The sockets of this node: how the state sends to them, and the extractors that hand the
 //! `p2p:*` events to the signaling server in each socket's receive order.
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,8 @@ pub(super) struct LocalSocket<A: Adapter> {
     base64: AtomicBool,
     /// Presence waiting to go out as one batch, when the client asked for batches.
     presence: Option<Arc<PresenceQueue>>,
+    /// Publications per topic this client missed since its last one (its buffer was full).
+    missed: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 /// Presences queued for one socket (see [`PeerSocket::emit_presence`]).
@@ -80,6 +83,26 @@ impl<A: Adapter> LocalSocket<A> {
 }
 
 impl<A: Adapter> PeerSocket for LocalSocket<A> {
+    fn emit_publication(&self, topic: &str, data: &Json) -> Result<(), EmitFail> {
+        let mut missed = self.missed.lock().unwrap_or_else(|e| e.into_inner());
+        let before = missed.get(topic).copied().unwrap_or(0);
+        let sent = if before == 0 {
+            self.emit_json(events::TOPIC, data)
+        } else {
+            let mut d = data.clone();
+            d["missed"] = Json::from(before);
+            self.emit_json(events::TOPIC, &d)
+        };
+        match sent {
+            Ok(()) => {
+                missed.remove(topic);
+            }
+            Err(_) => {
+                missed.insert(topic.to_owned(), before + 1);
+            }
+        }
+        sent
+    }
     fn emit_presence(&self, data: Arc<str>) -> Result<(), EmitFail> {
         let Some(q) = self
             .presence
@@ -135,6 +158,7 @@ impl<A: Adapter> PeerSocket for LocalSocket<A> {
             socket: self.socket.clone(),
             base64: AtomicBool::new(self.base64.load(Ordering::Relaxed)),
             presence: self.presence.clone(),
+            missed: self.missed.clone(),
         }))
     }
     fn set_encoding(&self, encoding: FrameEncoding) {
@@ -157,6 +181,7 @@ pub(super) fn arc_of<A: Adapter>(s: &SocketRef<A>) -> Arc<dyn PeerSocket> {
         socket: s.clone(),
         base64: AtomicBool::new(false),
         presence: Some(Arc::default()),
+        missed: Arc::default(),
     })
 }
 
@@ -224,6 +249,7 @@ impl<A: Adapter> FromMessageParts<A> for FrameDone {
                 socket: me,
                 base64: AtomicBool::new(false),
                 presence: None,
+                missed: Arc::default(),
             };
             sig.relay_batch(&me, &s.id.to_string(), data, true);
         }

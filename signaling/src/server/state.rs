@@ -36,6 +36,12 @@ pub(crate) trait PeerSocket: Send + Sync {
             Err(_) => Ok(()),
         }
     }
+    /// Sends one publication of `topic` on `p2p:topic`. A local socket that could not take
+    /// some (its buffer was full) counts them and tells the client in the next one's
+    /// `missed`.
+    fn emit_publication(&self, _topic: &str, data: &serde_json::Value) -> Result<(), EmitFail> {
+        self.emit_json(crate::protocol::events::TOPIC, data)
+    }
     /// The client's `hello` asked for presence batches (local sockets only).
     fn set_batch_presence(&self, _on: bool) {}
     /// A handle on this socket that can be kept for later (local sockets only).
