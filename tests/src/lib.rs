@@ -161,8 +161,21 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(server: &Server) -> Raw {
+        Self::connect_builder(ClientBuilder::new(server.url())).await
+    }
+
+    /// Connects to `url` (a server, or a [`Cutter`] in front of one), over a websocket
+    /// only (so that cutting it is seen by the server at once).
+    pub async fn connect_to(url: &str) -> Raw {
+        Self::connect_builder(
+            ClientBuilder::new(url).transport_type(rust_socketio::TransportType::Websocket),
+        )
+        .await
+    }
+
+    async fn connect_builder(b: ClientBuilder) -> Raw {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut b = ClientBuilder::new(server.url()).reconnect(false);
+        let mut b = b.reconnect(false);
         for ev in ["p2p:res", "p2p:error", "p2p:f", "p2p:sig", "p2p:presence"] {
             let tx = tx.clone();
             b = b.on(ev, move |p, _| {

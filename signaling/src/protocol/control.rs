@@ -439,6 +439,9 @@ pub enum ErrorCode {
     Timeout,
     /// The server's authorization hook refused this action (the message says why).
     Forbidden,
+    /// Messages for this peer were dropped while it was away (reconnecting): more than the
+    /// server holds for an away peer. Presence may have been missed.
+    Dropped,
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -8,6 +8,7 @@
 //!   (`redis_cluster`: the Redis implementation).
 mod attach;
 mod authz;
+mod away;
 mod book;
 mod cluster;
 mod ops;
@@ -19,10 +20,12 @@ mod requests;
 mod services;
 mod socket;
 mod state;
+mod stats;
 
 pub use attach::{SignalingMiddleware, serve};
 pub use authz::{Action, Authorization};
 pub use options::{AuthHook, AuthorizeHook, BoxFuture, PeerHook, SignalingOptions};
+pub use stats::SignalingStats;
 
 // The one place where the `redis` feature comes in: the Redis implementation of
 // `cluster::Cluster`, its options and the redis crate it is built with.
@@ -46,6 +49,7 @@ struct Inner {
     state: Mutex<State>,
     /// The other nodes, if any (a [`LocalCluster`] when the server is on its own).
     cluster: Arc<dyn Cluster>,
+    counters: stats::Counters,
 }
 
 /// The signaling and relay middleware. Cheap to clone; every clone is the same server.
@@ -81,6 +85,7 @@ impl P2pSignaling {
                 opts,
                 state: Mutex::new(State::default()),
                 cluster,
+                counters: stats::Counters::default(),
             }),
         }
     }

@@ -112,13 +112,15 @@ impl P2pSignaling {
         let st = &mut *cx.st;
         let sid = cx.id.as_str();
         let continued = !matches!(plan, Plan::Fresh);
+        // The queue the peer's place kept while it was away (sent after the welcome).
+        let mut held: Option<std::sync::Arc<dyn super::state::PeerSocket>> = None;
         match plan {
             Plan::Fresh => {}
             Plan::Back(r) => {
                 if let Some(fresh) = st.conns.remove(sid)
                     && let Some(conn) = st.conns.get_mut(&r)
                 {
-                    conn.socket = fresh.socket;
+                    held = Some(std::mem::replace(&mut conn.socket, fresh.socket));
                     conn.away = None;
                 }
                 st.peer_of.insert(sid.to_owned(), r);
@@ -168,6 +170,9 @@ impl P2pSignaling {
                 error: None,
             }),
         );
+        if let Some(away) = held.as_ref().and_then(|s| s.away()) {
+            away.hand_over(&cx.me, cx.out);
+        }
         if let Some(uid) = &h.uid
             && let Some(waiting) = st.pending_pairs.remove(uid)
         {
@@ -311,6 +316,7 @@ impl P2pSignaling {
                 format!("no peer {to:?} in your rooms or pairs"),
             );
         }
+        self.inner.counters.signal(&signal);
         if let Some(sock) = cx.st.socket(&to) {
             let msg = to_json(&SignalFrom {
                 from: cx.id.clone(),

@@ -30,6 +30,7 @@ pub struct SignalingOptions {
     pub(super) max_rooms_per_peer: usize,
     pub(super) max_name_len: usize,
     pub(super) resume_grace: Duration,
+    pub(super) away_queue: usize,
     pub(super) auth: Option<AuthHook>,
     pub(super) authorize: Option<AuthorizeHook>,
     pub(super) on_peer_joined: Option<PeerHook>,
@@ -47,6 +48,7 @@ impl Default for SignalingOptions {
             max_rooms_per_peer: 64,
             max_name_len: 128,
             resume_grace: Duration::from_secs(5),
+            away_queue: 256,
             auth: None,
             authorize: None,
             on_peer_joined: None,
@@ -92,6 +94,13 @@ impl SignalingOptions {
     /// 5 s; zero: tell the others at once). A deliberate disconnect is always final at once.
     pub fn resume_grace(mut self, d: Duration) -> Self {
         self.resume_grace = d;
+        self
+    }
+    /// How many control messages (signals, presence, call results, publications) the
+    /// server holds for a peer inside `resume_grace` (default 256). They go out when it
+    /// comes back; beyond this, they are dropped and the peer gets a `Dropped` error then.
+    pub fn away_queue(mut self, n: usize) -> Self {
+        self.away_queue = n;
         self
     }
     /// Most rooms one peer may be in (default 64).

@@ -20,8 +20,11 @@ impl P2pSignaling {
             if !deliberate && !grace.is_zero() {
                 st.next_token += 1;
                 let n = st.next_token;
+                let cap = self.inner.opts.away_queue;
                 if let Some(conn) = st.conns.get_mut(&id).filter(|c| c.info.is_some()) {
                     conn.away = Some(n);
+                    // What comes for it meanwhile waits (bounded) for its return.
+                    conn.socket = super::away::AwaySocket::new(cap);
                     let mut out = Outbox::default();
                     self.services_away(&mut st, &id, &mut out);
                     self.forget_if_still_away(id.clone(), n, grace);

@@ -95,8 +95,13 @@ impl P2pSignaling {
         }
         for mut out in outgoing {
             let n = out.writer.count();
-            let failed = match out.socket.emit_frames(out.writer.take(), n) {
-                Ok(()) => None,
+            let batch = out.writer.take();
+            let len = batch.len();
+            let failed = match out.socket.emit_frames(batch, n) {
+                Ok(()) => {
+                    self.inner.counters.relayed(n, len);
+                    None
+                }
                 Err(EmitFail::Full) => {
                     Some((ErrorCode::Busy, "the target's buffer is full; resend later"))
                 }
@@ -112,6 +117,7 @@ impl P2pSignaling {
             }
         }
         for e in errors {
+            self.inner.counters.error(e.error.code);
             let _ = me.emit_json(events::ERROR, &to_json(&e));
         }
     }

@@ -272,6 +272,9 @@ impl P2pSignaling {
                 Flow::Later
             }
         };
+        if let Flow::Reply(Err((code, _))) = &flow {
+            self.inner.counters.error(*code);
+        }
         cx.finish(flow)
     }
 
@@ -315,6 +318,9 @@ impl P2pSignaling {
             joined: &mut fx.joined,
         };
         let flow = self.dispatch(&mut cx, req.op);
+        if let Flow::Reply(Err((code, _))) = &flow {
+            self.inner.counters.error(*code);
+        }
         cx.finish(flow)
     }
 

@@ -44,6 +44,10 @@ pub(crate) trait PeerSocket: Send + Sync {
     }
     /// The client's `hello` asked for presence batches (local sockets only).
     fn set_batch_presence(&self, _on: bool) {}
+    /// The queue of an away peer (see `away.rs`).
+    fn away(&self) -> Option<&super::away::AwaySocket> {
+        None
+    }
     /// A handle on this socket that can be kept for later (local sockets only).
     fn detached(&self) -> Option<Arc<dyn PeerSocket>> {
         None
