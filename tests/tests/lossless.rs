@@ -39,7 +39,17 @@ fn send_all(from: &P2p, to: &str, sent: Arc<AtomicU64>) -> tokio::task::JoinHand
     let to = to.to_owned();
     tokio::spawn(async move {
         for i in 0..N {
-            from.to(&to).emit("n", json!(i)).await.unwrap();
+            // While the server connection is down and the backlog is full, an emit says
+            // `QueueFull` at once (nothing was queued): send the same number again.
+            loop {
+                match from.to(&to).emit("n", json!(i)).await {
+                    Ok(()) => break,
+                    Err(socketio_p2p::Error::QueueFull(_)) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => panic!("emit {i} failed: {e}"),
+                }
+            }
             sent.store(i + 1, Ordering::SeqCst);
         }
     })
