@@ -52,6 +52,7 @@ type Method = Arc<dyn Fn(PeerInfo, Json) -> BoxFut + Send + Sync>;
 /// assert!(calc.has_method("add"));
 /// ```
 #[derive(Clone, Default)]
+#[must_use = "a service does nothing until provided"]
 pub struct Service {
     methods: HashMap<String, Method>,
 }

@@ -21,6 +21,7 @@ pub type PeerHook = Arc<dyn Fn(&PeerInfo) + Send + Sync>;
 
 /// Options of [`P2pSignaling`](super::P2pSignaling). Every field has a default that works.
 #[derive(Clone)]
+#[must_use = "options do nothing until passed to `P2pSignaling::new` or `layer`"]
 pub struct SignalingOptions {
     pub(super) max_frame: usize,
     pub(super) max_pair_timeout: Duration,
