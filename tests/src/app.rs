@@ -2,12 +2,10 @@
 //! one-line layer), and raw clients that listen to the app's own events too.
 use std::time::Duration;
 
-use futures_util::FutureExt;
+use rust_socketio::Payload as SioPayload;
 use rust_socketio::asynchronous::ClientBuilder;
-use rust_socketio::{Event as SioEvent, Payload as SioPayload};
 use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};
 use socketioxide::SocketIo;
-use tokio::sync::mpsc;
 
 use crate::{Raw, Server, init_tracing};
 
@@ -58,26 +56,7 @@ async fn serve_layer(
 impl Raw {
     /// Like [`Raw::connect`], and also listens to the app's events `extra`.
     pub async fn connect_with(server: &Server, extra: &[&str]) -> Raw {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut b = ClientBuilder::new(server.url()).reconnect(false);
-        let events = ["p2p:res", "p2p:error", "p2p:f", "p2p:sig", "p2p:presence"];
-        for ev in events.iter().chain(extra) {
-            let tx = tx.clone();
-            let name = (*ev).to_owned();
-            b = b.on(*ev, move |p, _| {
-                let _ = tx.send((name.clone(), p));
-                async {}.boxed()
-            });
-        }
-        let t = tx.clone();
-        b = b.on(SioEvent::Connect, move |p, _| {
-            let _ = t.send(("connect".to_owned(), p));
-            async {}.boxed()
-        });
-        let client = b.connect().await.expect("raw connect");
-        let mut raw = Raw { client, rx };
-        raw.expect("connect").await;
-        raw
+        Raw::connect_builder(ClientBuilder::new(server.url()), extra).await
     }
 
     /// The next message of any event, if one comes within `wait`.

@@ -161,7 +161,7 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(server: &Server) -> Raw {
-        Self::connect_builder(ClientBuilder::new(server.url())).await
+        Self::connect_builder(ClientBuilder::new(server.url()), &[]).await
     }
 
     /// Connects to `url` (a server, or a [`Cutter`] in front of one), over a websocket
@@ -169,17 +169,21 @@ impl Raw {
     pub async fn connect_to(url: &str) -> Raw {
         Self::connect_builder(
             ClientBuilder::new(url).transport_type(rust_socketio::TransportType::Websocket),
+            &[],
         )
         .await
     }
 
-    async fn connect_builder(b: ClientBuilder) -> Raw {
+    /// Connects with `b`, listening to the protocol's events and to `extra` ones.
+    pub(crate) async fn connect_builder(b: ClientBuilder, extra: &[&str]) -> Raw {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut b = b.reconnect(false);
-        for ev in ["p2p:res", "p2p:error", "p2p:f", "p2p:sig", "p2p:presence"] {
+        let events = ["p2p:res", "p2p:error", "p2p:f", "p2p:sig", "p2p:presence"];
+        for ev in events.iter().chain(extra) {
             let tx = tx.clone();
-            b = b.on(ev, move |p, _| {
-                let _ = tx.send((ev.to_owned(), p));
+            let name = (*ev).to_owned();
+            b = b.on(*ev, move |p, _| {
+                let _ = tx.send((name.clone(), p));
                 async {}.boxed()
             });
         }
@@ -405,4 +409,24 @@ pub async fn wait_event<T>(
         .await
         .expect("timed out waiting for a peer event")
         .expect("peer event stream closed")
+}
+
+/// An encoded data frame (seq 1) carrying the event `chat` with `text`, from `from` (the
+/// server stamps it; a client leaves it empty) to `to`.
+pub fn chat_frame(to: &str, from: &str, text: &str) -> Vec<u8> {
+    use socketio_p2p_signaling::protocol::{Body, Frame, Msg, WirePayload};
+    let f = Frame {
+        to: to.into(),
+        from: from.into(),
+        body: Body::Data {
+            seq: 1,
+            more: false,
+            msg: Msg::Event {
+                event: "chat".into(),
+                ack_id: None,
+                payload: WirePayload::Json(serde_json::to_vec(text).unwrap_or_default().into()),
+            },
+        },
+    };
+    f.encode().map(|b| b.to_vec()).unwrap_or_default()
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use socketio_p2p::P2p;
 use socketio_p2p_signaling::SignalingOptions;
-use socketio_p2p_signaling::protocol::{Body, Frame, Msg, WirePayload};
 use socketio_p2p_tests::*;
 use tokio::sync::mpsc;
 
@@ -34,23 +33,6 @@ fn code(v: &Value) -> &str {
         .or_else(|| v.get("code"))
         .and_then(Value::as_str)
         .unwrap_or("")
-}
-
-fn frame(to: &str, from: &str, text: &str) -> Vec<u8> {
-    let f = Frame {
-        to: to.into(),
-        from: from.into(),
-        body: Body::Data {
-            seq: 1,
-            more: false,
-            msg: Msg::Event {
-                event: "chat".into(),
-                ack_id: None,
-                payload: WirePayload::Json(serde_json::to_vec(text).unwrap().into()),
-            },
-        },
-    };
-    f.encode().unwrap().to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +68,7 @@ async fn requests_before_hello_and_duplicate_hello() {
     raw.emit("p2p:req", json!({"rid": 1, "op": "join", "room": "ok"}))
         .await;
     assert_eq!(code(&raw.expect("p2p:res").await), "NotRegistered");
-    raw.send_frames(&[frame(a.id(), "", "hi")]).await;
+    raw.send_frames(&[chat_frame(a.id(), "", "hi")]).await;
     assert_eq!(code(&raw.expect("p2p:error").await), "NotRegistered");
     raw.hello(None, &["ok"]).await;
     raw.emit("p2p:req", json!({"rid": 2, "op": "hello", "version": 2}))
@@ -134,7 +116,7 @@ async fn unknown_targets_and_rooms() {
     raw.hello(None, &["r"]).await;
     // A peer that does not exist, and one that exists but shares no room.
     for target in ["no-such-peer", outsider.id()] {
-        raw.send_frames(&[frame(target, "", "hi")]).await;
+        raw.send_frames(&[chat_frame(target, "", "hi")]).await;
         let e = raw.expect("p2p:error").await;
         assert_eq!(code(&e), "UnknownPeer", "{e}");
         assert_eq!(e["to"].as_str(), Some(target));
@@ -191,14 +173,14 @@ async fn garbage_frames_and_oversized_frames() {
         vec![0x1e, 1, 2],
     ];
     let mut batch: Vec<Vec<u8>> = garbage.to_vec();
-    batch.push(frame(b.id(), "", "still here"));
+    batch.push(chat_frame(b.id(), "", "still here"));
     raw.send_frames(&batch).await;
     for g in &garbage {
         let e = raw.expect("p2p:error").await;
         assert_eq!(code(&e), "BadRequest", "{g:?} -> {e}");
     }
     assert_eq!(recv(&mut rx, 10).await, "still here");
-    let big = frame(a.id(), "", &"x".repeat(100 * 1024));
+    let big = chat_frame(a.id(), "", &"x".repeat(100 * 1024));
     raw.send_frames(&[big]).await;
     let e = raw.expect("p2p:error").await;
     assert_eq!(code(&e), "PayloadTooLarge", "{e}");
@@ -217,7 +199,8 @@ async fn forged_sender_is_overwritten_by_the_server() {
     let mut raw = Raw::connect(&s).await;
     let welcome = raw.hello(None, &["ok"]).await;
     let raw_id = welcome["id"].as_str().unwrap().to_owned();
-    raw.send_frames(&[frame(b.id(), a.id(), "i am a")]).await;
+    raw.send_frames(&[chat_frame(b.id(), a.id(), "i am a")])
+        .await;
     let (from, text) = recv(&mut rx, 10).await;
     assert_eq!(text, "i am a");
     assert_eq!(from, raw_id, "the server must stamp the real sender");

@@ -150,24 +150,6 @@ async fn a_claim_whose_socket_left_meanwhile_is_released() {
     assert_eq!(peers[0].uid.as_deref(), Some("ghost"));
 }
 
-fn frame_to(to: &str, text: &str) -> Vec<u8> {
-    use socketio_p2p_signaling::protocol::{Body, Frame, Msg, WirePayload};
-    let f = Frame {
-        to: to.into(),
-        from: String::new(),
-        body: Body::Data {
-            seq: 1,
-            more: false,
-            msg: Msg::Event {
-                event: "chat".into(),
-                ack_id: None,
-                payload: WirePayload::Json(serde_json::to_vec(text).unwrap().into()),
-            },
-        },
-    };
-    f.encode().unwrap().to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_sent_behind_a_waiting_hello_wait_with_it() {
     use socketio_p2p_signaling::protocol::{Frame, batch_from_base64, split_batch};
@@ -187,7 +169,7 @@ async fn frames_sent_behind_a_waiting_hello_wait_with_it() {
     h["rooms"] = json!(["side"]);
     c.emit("p2p:req", h).await;
     // Sent before the welcome, as a client that does not wait for it would.
-    c.send_frames(&[frame_to(&r_id, "right behind the hello")])
+    c.send_frames(&[chat_frame(&r_id, "", "right behind the hello")])
         .await;
 
     let welcome = c.expect("p2p:res").await;
