@@ -16,7 +16,7 @@ use socketioxide_core::adapter::DefinedAdapter;
 
 use super::outbox::{error_event, to_json};
 use super::socket::{FrameDone, RequestDone, arc_of};
-use super::state::{Conn, TokenBucket};
+use super::state::{Budget, Conn, TokenBucket};
 use super::{P2pSignaling, SignalingOptions};
 use crate::protocol::{ErrorCode, events};
 
@@ -169,6 +169,7 @@ impl P2pSignaling {
             rooms: HashSet::new(),
             pairs: HashSet::new(),
             bucket: TokenBucket::new(self.inner.opts.request_burst),
+            budget: Budget::new(self.inner.opts.frame_rate.1, self.inner.opts.byte_rate.1),
             away: None,
             auth,
         };

@@ -28,6 +28,9 @@ pub struct SignalingOptions {
     pub(super) default_pair_timeout: Duration,
     pub(super) request_rate: u32,
     pub(super) request_burst: u32,
+    pub(super) frame_rate: (u32, u32),
+    pub(super) byte_rate: (u64, u64),
+    pub(super) max_strikes: u32,
     pub(super) max_rooms_per_peer: usize,
     pub(super) max_name_len: usize,
     pub(super) resume_grace: Duration,
@@ -46,6 +49,9 @@ impl Default for SignalingOptions {
             default_pair_timeout: Duration::from_secs(10),
             request_rate: 500,
             request_burst: 1000,
+            frame_rate: (200_000, 400_000),
+            byte_rate: (128 << 20, 256 << 20),
+            max_strikes: 200,
             max_rooms_per_peer: 64,
             max_name_len: 128,
             resume_grace: Duration::from_secs(5),
@@ -95,6 +101,26 @@ impl SignalingOptions {
     /// 5 s; zero: tell the others at once). A deliberate disconnect is always final at once.
     pub fn resume_grace(mut self, d: Duration) -> Self {
         self.resume_grace = d;
+        self
+    }
+    /// What one socket may relay: `frames` frames per second with bursts of `burst`
+    /// (default 200,000/s, bursts of 400,000). A batch over budget is refused with
+    /// `RateLimited` (its sender's link sends it again later); see
+    /// [`SignalingOptions::max_strikes`].
+    pub fn frame_rate(mut self, frames: u32, burst: u32) -> Self {
+        self.frame_rate = (frames, burst.max(1));
+        self
+    }
+    /// What one socket may relay in bytes per second, with bursts (default 128 MiB/s,
+    /// bursts of 256 MiB).
+    pub fn byte_rate(mut self, bytes: u64, burst: u64) -> Self {
+        self.byte_rate = (bytes, burst.max(1));
+        self
+    }
+    /// A socket that sends this many refused batches in a row (default 200) floods: it is
+    /// told why (`RateLimited`) and disconnected.
+    pub fn max_strikes(mut self, n: u32) -> Self {
+        self.max_strikes = n.max(1);
         self
     }
     /// How many control messages (signals, presence, call results, publications) the

@@ -25,6 +25,7 @@ impl P2pSignaling {
         may_wait: bool,
     ) {
         let batch_error = |code: ErrorCode, message: String| {
+            self.inner.counters.error(code);
             let msg = error_event(code, message, events::FRAME);
             let _ = me.emit_json(events::ERROR, &to_json(&msg));
         };
@@ -64,6 +65,25 @@ impl P2pSignaling {
                 return;
             }
             let id = st.peer_id(sid);
+            match self.spend(&mut st, &id, frames.len(), batch.len()) {
+                Spent::Ok => {}
+                Spent::Refused => {
+                    drop(st);
+                    return batch_error(
+                        ErrorCode::RateLimited,
+                        "over this connection's frame or byte budget; send it again later".into(),
+                    );
+                }
+                Spent::Flooding => {
+                    drop(st);
+                    batch_error(
+                        ErrorCode::RateLimited,
+                        "disconnected: this connection keeps sending over its budget".into(),
+                    );
+                    tracing::warn!(sid, "disconnecting a socket that floods");
+                    return me.disconnect();
+                }
+            }
             let registered = st.conns.get(&id).is_some_and(|c| c.info.is_some());
             for frame in &frames {
                 match self.route_frame(&st, &id, registered, frame) {
@@ -206,5 +226,39 @@ fn frame_error(code: ErrorCode, message: String, to: Option<String>, seq: Option
         event: Some(events::FRAME.to_owned()),
         to,
         seq,
+    }
+}
+
+/// What a batch's budget check decided.
+enum Spent {
+    Ok,
+    /// Over budget: refused.
+    Refused,
+    /// Over budget again and again: the socket floods.
+    Flooding,
+}
+
+impl P2pSignaling {
+    /// Takes a batch's frames and bytes from the sender's budget.
+    fn spend(&self, st: &mut State, id: &str, frames: usize, bytes: usize) -> Spent {
+        let o = &self.inner.opts;
+        let Some(b) = st.conns.get_mut(id).map(|c| &mut c.budget) else {
+            return Spent::Ok;
+        };
+        let (fr, fb) = (f64::from(o.frame_rate.0), f64::from(o.frame_rate.1));
+        let (br, bb) = (o.byte_rate.0 as f64, o.byte_rate.1 as f64);
+        // A batch larger than a whole burst could never pass: it counts as one burst.
+        let ok = b.frames.take_n((frames as f64).min(fb), fr, fb)
+            && b.bytes.take_n((bytes as f64).min(bb), br, bb);
+        if ok {
+            b.strikes = 0;
+            return Spent::Ok;
+        }
+        b.strikes += 1;
+        if b.strikes >= o.max_strikes {
+            Spent::Flooding
+        } else {
+            Spent::Refused
+        }
     }
 }

@@ -83,6 +83,9 @@ impl<A: Adapter> LocalSocket<A> {
 }
 
 impl<A: Adapter> PeerSocket for LocalSocket<A> {
+    fn disconnect(&self) {
+        let _ = self.socket.clone().disconnect();
+    }
     fn emit_publication(&self, topic: &str, data: &Json) -> Result<(), EmitFail> {
         let mut missed = self.missed.lock().unwrap_or_else(|e| e.into_inner());
         let before = missed.get(topic).copied().unwrap_or(0);

@@ -48,6 +48,8 @@ pub(crate) trait PeerSocket: Send + Sync {
     fn away(&self) -> Option<&super::away::AwaySocket> {
         None
     }
+    /// Closes the connection (a flooding client): local sockets only.
+    fn disconnect(&self) {}
     /// A handle on this socket that can be kept for later (local sockets only).
     fn detached(&self) -> Option<Arc<dyn PeerSocket>> {
         None
@@ -69,15 +71,41 @@ impl TokenBucket {
         }
     }
     pub(crate) fn take(&mut self, rate: u32, burst: u32) -> bool {
+        self.take_n(1.0, f64::from(rate), f64::from(burst))
+    }
+    /// Takes `n` tokens at once (refilled at `rate` per second up to `burst`).
+    pub(crate) fn take_n(&mut self, n: f64, rate: f64, burst: f64) -> bool {
         let now = Instant::now();
         let dt = now.duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + dt * f64::from(rate)).min(f64::from(burst));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
+        }
+    }
+}
+
+/// A socket's budget for what it relays: frames and bytes per second, and how many
+/// refused batches in a row it may send before it is disconnected.
+pub(crate) struct Budget {
+    pub(crate) frames: TokenBucket,
+    pub(crate) bytes: TokenBucket,
+    /// Batches refused in a row.
+    pub(crate) strikes: u32,
+}
+
+impl Budget {
+    pub(crate) fn new(frame_burst: u32, byte_burst: u64) -> Self {
+        Budget {
+            frames: TokenBucket::new(frame_burst),
+            bytes: TokenBucket {
+                tokens: byte_burst as f64,
+                last: Instant::now(),
+            },
+            strikes: 0,
         }
     }
 }
@@ -90,6 +118,8 @@ pub(crate) struct Conn {
     pub(crate) rooms: HashSet<String>,
     pub(crate) pairs: HashSet<String>,
     pub(crate) bucket: TokenBucket,
+    /// What it may relay (frames and bytes per second).
+    pub(crate) budget: Budget,
     /// The connection broke (not a deliberate disconnect): the peer keeps its id, rooms,
     /// pairs and uid for a grace period, to resume. The number tells one absence from the next.
     pub(crate) away: Option<u64>,

@@ -11,7 +11,7 @@ use crate::server::P2pSignaling;
 use crate::server::book::Provider;
 use crate::server::outbox::{Outbox, to_json};
 use crate::server::services::fail_calls;
-use crate::server::state::{Conn, State, TokenBucket};
+use crate::server::state::{Budget, Conn, State, TokenBucket};
 
 impl P2pSignaling {
     /// Our peer `id` resumed on `node`: it becomes a peer of that node, silently.
@@ -98,6 +98,7 @@ impl P2pSignaling {
                         rooms: HashSet::new(),
                         pairs: HashSet::new(),
                         bucket: TokenBucket::new(1),
+                        budget: Budget::new(1, 1),
                         away: None,
                         auth: serde_json::Value::Null,
                     },
