@@ -295,3 +295,45 @@ for (const [name, options] of Object.entries(browsers)) {
     });
   });
 }
+
+describe("a Chromium tab and a Firefox tab through the Rust server", { timeout: 120_000 }, () => {
+  let it, chromium, firefox, pc, pf;
+  before(async () => {
+    it = await Interop.start(["--static", jsRoot]);
+    [chromium, firefox] = await Promise.all([launch(browsers.chromium), launch(browsers.firefox)]);
+    [pc, pf] = await Promise.all([openPage(chromium, it.url), openPage(firefox, it.url)]);
+  });
+  after(async () => {
+    for (const p of [pc, pf]) await p?.evaluate(() => Object.values(peers).forEach((p) => p.close())).catch(() => {});
+    await chromium?.close().catch(() => {});
+    await firefox?.close().catch(() => {});
+    await it?.stop();
+  });
+
+  test("they upgrade to each other from either side; a Rust peer in the room sees each on its transport", async () => {
+    const rid = await it.rustPeer("xb", { rooms: ["xb"] });
+    const c = (await pc.evaluate((o) => mk("x", { rooms: ["xb"], ...o }), rtc)).ok.id;
+    const f = (await pf.evaluate((o) => mk("x", { rooms: ["xb"], ...o }), rtc)).ok.id;
+    const wait = (page, fn, arg, ms = 15_000) => page.waitForFunction(fn, { timeout: ms, polling: 20 }, arg);
+    await wait(pc, (f) => peers.x.peers().some((p) => p.id === f), f);
+    await wait(pf, (c) => peers.x.peers().some((p) => p.id === c), c);
+    for (const [from, to, toId, fromId, round] of [[pc, pf, f, c, 0], [pf, pc, c, f, 1]]) {
+      const t0 = Date.now();
+      await from.evaluate((id) => peers.x.upgradePeer(id), toId);
+      console.log(`# chromium-firefox: upgrade started by ${from === pc ? "chromium" : "firefox"} (${fromId < toId ? "it offers" : "it answers"}) in ${Date.now() - t0} ms`);
+      await wait(to, (id) => peers.x.transport(id) === "datachannel", fromId);
+      assert.equal(await from.evaluate((id) => peers.x.to(id).emitWithAck("echo", "across"), toId), "across");
+      await to.evaluate((o) => peers.x.to(o.id).emit("hi", o.round), { id: fromId, round });
+      await wait(from, (o) => got.x.some((e) => e.event === "hi" && e.data === o.round && e.from === o.id && e.transport === "datachannel"), { id: toId, round });
+      await from.evaluate((id) => peers.x.downgradePeer(id), toId);
+      await wait(to, (id) => peers.x.transport(id) === "relay", fromId);
+    }
+    // Firefox also upgrades with the Rust peer; Chromium stays on the relay with it.
+    await pf.evaluate((id) => peers.x.upgradePeer(id), rid);
+    assert.equal((await it.cmd({ cmd: "transport", peer: "xb", to: f })).transport, "DataChannel");
+    assert.equal((await it.cmd({ cmd: "transport", peer: "xb", to: c })).transport, "Relay");
+    await it.cmd({ cmd: "emit", peer: "xb", event: "hi", data: "rust" });
+    await wait(pf, (id) => got.x.some((e) => e.event === "hi" && e.from === id && e.transport === "datachannel"), rid);
+    await wait(pc, (id) => got.x.some((e) => e.event === "hi" && e.from === id && e.transport === "relay"), rid);
+  });
+});
