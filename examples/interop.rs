@@ -41,9 +41,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -750,7 +750,9 @@ async fn run(cmd: Value, peers: Peers, url: String) {
             let tag = cmd.get("tag").cloned().unwrap_or(Value::Null);
             match raw_answer(sdp, total, tag).await {
                 Ok(answer) => done(json!({"sdp": answer})),
-                Err(e) => out(json!({"ev": "error", "id": id, "code": "Raw", "message": e.to_string()})),
+                Err(e) => {
+                    out(json!({"ev": "error", "id": id, "code": "Raw", "message": e.to_string()}))
+                }
             }
         }
         other => out(json!({"ev": "error", "id": id, "code": "BadCommand", "message": other})),
