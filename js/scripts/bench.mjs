@@ -83,11 +83,13 @@ const upgradeOnce = (page, key, to) =>
       p.traced = true;
       const send = p.sendSignal.bind(p);
       const recv = p.onSignal.bind(p);
-      p.sendSignal = (peer, s) => (p.trace?.push([`out:${s.type}`, performance.now()]), send(peer, s));
-      p.onSignal = (m) => (p.trace?.push([`in:${m?.signal?.type}`, performance.now()]), recv(m));
+      // Only the signals of the pair measured (a bye of an earlier attempt with another peer may cross).
+      p.sendSignal = (peer, s) => (peer === p.traceFor && p.trace?.push([`out:${s.type}`, performance.now()]), send(peer, s));
+      p.onSignal = (m) => (m?.from === p.traceFor && p.trace?.push([`in:${m?.signal?.type}`, performance.now()]), recv(m));
       p.on("upgrade", () => p.trace?.push(["open", performance.now()]));
     }
     p.trace = [];
+    p.traceFor = o.to;
     const t0 = performance.now();
     await p.upgradePeer(o.to);
     await p.to(o.to).emitWithAck("echo", 1);
@@ -169,12 +171,24 @@ async function pagePair(it, names, scenario) {
     const b = await pagePeer(pb, "b", room);
     await pa.waitForFunction((b) => peers.a.peers().some((p) => p.id === b), { timeout: 10_000 }, b);
     await pb.waitForFunction((a) => peers.b.peers().some((p) => p.id === a), { timeout: 10_000 }, a);
+    // Count the byes each page receives: a downgrade's bye goes through the server, slower
+    // than the channel's close, and a late one would end the next attempt (a bye names no
+    // attempt), so each run waits for it.
+    for (const [p, key] of [[pa, "a"], [pb, "b"]]) {
+      await p.evaluate((key) => {
+        const q = peers[key];
+        const recv = q.onSignal.bind(q);
+        q.byes = 0;
+        q.onSignal = (m) => (m?.signal?.type === "bye" && q.byes++, recv(m));
+      }, key);
+    }
     const times = [];
     for (let i = 0; i < runs; i++) {
       // Alternate the side that starts; the smaller id offers either way.
       const [p, key, to, other, okey, from] = i % 2 ? [pb, "b", a, pa, "a", b] : [pa, "a", b, pb, "b", a];
+      const byes = await other.evaluate((okey) => peers[okey].byes, okey);
       times.push((await upgradeOnce(p, key, to)).ms);
-      await other.waitForFunction((o) => peers[o.okey].transport(o.from) === "relay" && !peers[o.okey]["peersById"].get(o.from)?.neg?.active, { timeout: 10_000, polling: 5 }, { okey, from });
+      await other.waitForFunction((o) => peers[o.okey].byes > o.byes && peers[o.okey].transport(o.from) === "relay" && !peers[o.okey]["peersById"].get(o.from)?.neg?.active, { timeout: 10_000, polling: 5 }, { okey, from, byes });
     }
     report(scenario, stats(times));
     for (const p of [pa, pb]) await p.evaluate(() => Object.values(peers).forEach((p) => p.close()));
