@@ -91,12 +91,16 @@ for (const [name, options] of Object.entries(browsers)) {
 
     for (const pageOffers of [true, false]) {
       test(`autoUpgrade on the page alone (the Rust peer's auto_upgrade off), ${pageOffers ? "page" : "Rust peer"} offering`, async () => {
-        const tag = `w4${pageOffers ? "p" : "r"}`;
-        const me = (await ev((tag) => mk(tag, { rooms: [tag], autoUpgrade: true }), tag)).ok.id;
-        // A Rust peer whose id puts the offer on the wanted side (the smaller id offers).
-        let peer, rid;
+        // A Rust peer whose id puts the offer on the wanted side (the smaller id offers); now
+        // and then a new page peer too, whose id may be near an end of the alphabet.
+        let tag, me, peer, rid;
         for (let i = 0; ; i++) {
-          assert.ok(i < 40, "no Rust peer id in the wanted order");
+          assert.ok(i < 60, "no Rust peer id in the wanted order");
+          if (i % 5 === 0) {
+            if (tag) await ev((tag) => peers[tag].close(), tag);
+            tag = `w4${pageOffers ? "p" : "r"}${i}`;
+            me = (await ev((tag) => mk(tag, { rooms: [tag], autoUpgrade: true }), tag)).ok.id;
+          }
           peer = `${tag}-${i}`;
           rid = await it.rustPeer(peer, { rooms: [`${tag}-lobby`] });
           if (me < rid === pageOffers) break;
