@@ -20,6 +20,13 @@
 //! {"cmd":"transport","peer":"r","to":"<id>"}  -> {"ev":"done","transport":"DataChannel"}
 //! ```
 //!
+//! Benchmarks: `{"cmd":"count","peer":"r","event":"tp","bytes":N}` counts the binary bytes
+//! of that event (no other handler, no report per event) and prints
+//! `{"ev":"counted","peer":"r","bytes":N}` once N arrived; `{"cmd":"raw_answer","sdp":OFFER,
+//! "bytes":N,"tag":T}` answers a browser's offer on a bare webrtc-rs peer connection (no
+//! socketio-p2p: the baseline), `done` carrying the answer `sdp`, and prints
+//! `{"ev":"raw_counted","tag":T,"bytes":N}` once N bytes arrived on its data channels.
+//!
 //! The `peer` command also takes `auto_upgrade` (default false), `num_clients` and
 //! `upgrade_timeout_ms`; peers report `upgraded`, `downgraded` and `upgrade_failed` as
 //! `presence` lines (`who` = the peer id).
@@ -34,9 +41,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -45,6 +54,14 @@ use socketio_p2p::{Error, P2p, P2pOptions, P2pStream, Payload, PeerEvent, Servic
 use socketio_p2p_signaling::{P2pSignaling, SignalingOptions};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
+use webrtc::api::APIBuilder;
+use webrtc::api::setting_engine::SettingEngine;
+use webrtc::data_channel::RTCDataChannel;
+use webrtc::data_channel::data_channel_message::DataChannelMessage;
+use webrtc::ice::mdns::MulticastDnsMode;
+use webrtc::ice::network_type::NetworkType;
+use webrtc::peer_connection::configuration::RTCConfiguration;
+use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 
 type Peers = Arc<Mutex<HashMap<String, P2p>>>;
 
@@ -314,6 +331,58 @@ fn install(name: &str, p2p: &P2p, handled: &[String]) {
             });
         }
     });
+}
+
+/// The SettingEngine of the peer's `loopback_only()`: loopback host candidates, mDNS off.
+fn loopback_api() -> webrtc::api::API {
+    let mut se = SettingEngine::default();
+    se.set_ice_multicast_dns_mode(MulticastDnsMode::Disabled);
+    se.set_network_types(vec![NetworkType::Udp4, NetworkType::Udp6]);
+    se.set_host_acceptance_min_wait(Some(Duration::ZERO));
+    se.set_prflx_acceptance_min_wait(Some(Duration::ZERO));
+    se.set_include_loopback_candidate(true);
+    se.set_interface_filter(Box::new(|name: &str| name.starts_with("lo")));
+    se.set_ip_filter(Box::new(|ip: IpAddr| ip.is_loopback()));
+    APIBuilder::new().with_setting_engine(se).build()
+}
+
+/// Answers `offer` on a bare peer connection that counts what arrives on its data channels
+/// and reports once `total` bytes did; returns the answer (every candidate in it).
+async fn raw_answer(
+    offer: String,
+    total: usize,
+    tag: Value,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let pc = Arc::new(
+        loopback_api()
+            .new_peer_connection(RTCConfiguration::default())
+            .await?,
+    );
+    let got = Arc::new(AtomicUsize::new(0));
+    let keep = pc.clone();
+    pc.on_data_channel(Box::new(move |dc: Arc<RTCDataChannel>| {
+        let (got, tag, keep) = (got.clone(), tag.clone(), keep.clone());
+        dc.on_message(Box::new(move |msg: DataChannelMessage| {
+            let n = msg.data.len();
+            let before = got.fetch_add(n, Ordering::SeqCst);
+            if before < total && before + n >= total {
+                out(json!({"ev": "raw_counted", "tag": tag, "bytes": before + n}));
+                let keep = keep.clone();
+                tokio::spawn(async move {
+                    let _ = keep.close().await;
+                });
+            }
+            Box::pin(async {})
+        }));
+        Box::pin(async {})
+    }));
+    pc.set_remote_description(RTCSessionDescription::offer(offer)?)
+        .await?;
+    let answer = pc.create_answer(None).await?;
+    let mut gathered = pc.gathering_complete_promise().await;
+    pc.set_local_description(answer).await?;
+    let _ = gathered.recv().await;
+    Ok(pc.local_description().await.ok_or("no local answer")?.sdp)
 }
 
 /// Writes `send` pattern bytes and reads to the end at the same time.
@@ -653,6 +722,37 @@ async fn run(cmd: Value, peers: Peers, url: String) {
                     done(json!({"read": n, "sha256": sha, "error": err}));
                 }
                 Err(e) => fail(&e),
+            }
+        }
+        "count" => {
+            let Some(p) = get(&peers, &cmd).await else {
+                return;
+            };
+            let total = cmd.get("bytes").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let got = Arc::new(AtomicUsize::new(0));
+            let name = str_field(&cmd, "peer").unwrap_or("").to_owned();
+            let _ = p.on(&event, move |e| {
+                let n = match e.payload() {
+                    Payload::Binary(b) => b.len(),
+                    _ => 0,
+                };
+                let before = got.fetch_add(n, Ordering::SeqCst);
+                if before < total && before + n >= total {
+                    out(json!({"ev": "counted", "peer": name, "bytes": before + n,
+                        "transport": format!("{:?}", e.transport())}));
+                }
+            });
+            done(json!({}));
+        }
+        "raw_answer" => {
+            let sdp = str_field(&cmd, "sdp").unwrap_or("").to_owned();
+            let total = cmd.get("bytes").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let tag = cmd.get("tag").cloned().unwrap_or(Value::Null);
+            match raw_answer(sdp, total, tag).await {
+                Ok(answer) => done(json!({"sdp": answer})),
+                Err(e) => {
+                    out(json!({"ev": "error", "id": id, "code": "Raw", "message": e.to_string()}))
+                }
             }
         }
         other => out(json!({"ev": "error", "id": id, "code": "BadCommand", "message": other})),

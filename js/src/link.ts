@@ -230,8 +230,11 @@ export class Link {
     this.ackNow = this.consumed > 0;
   }
 
-  /** Frames to send at `now`: acknowledgements, pongs, then Data frames within the window. */
-  poll(now: number): Uint8Array[] {
+  /**
+   * Frames to send at `now`: acknowledgements, pongs, then Data frames within the window
+   * (at most `maxData` of them: the rest wait for the next poll).
+   */
+  poll(now: number, maxData = Infinity): Uint8Array[] {
     const out = this.control;
     this.control = [];
     if (this.rtoAt !== null && now >= this.rtoAt && this.sentUpto > this.acked) {
@@ -245,7 +248,7 @@ export class Link {
       this.ackNow = this.nack = false;
       this.ackAt = null;
     }
-    const limit = Math.min(this.acked + this.window, this.nextSeq - 1);
+    const limit = Math.min(this.acked + this.window, this.nextSeq - 1, this.sentUpto + Math.max(0, maxData));
     if (this.sentUpto < limit) {
       for (let s = this.sentUpto + 1; s <= limit; s++) out.push(this.unacked[this.head + s - this.acked - 1]!);
       this.sentUpto = limit;

@@ -66,6 +66,8 @@ export class Negotiation {
   noRetry = false;
   private lastRx = 0;
   private lastPing = 0;
+  /** A signal other than `bye` came from the peer since we started this attempt. */
+  private heard = false;
 
   constructor(me: string, peer: string, now: number, opts: NegotiationOptions = {}) {
     this.offerer = me < peer;
@@ -97,6 +99,7 @@ export class Negotiation {
     if (explicit) this.noRetry = false;
     if (this.phase !== "idle") return [];
     this.retryAt = null;
+    this.heard = false;
     if (!accept) return [{ type: "failed", reason: BUSY }];
     if (this.offerer) {
       this.enter("offering", now);
@@ -107,6 +110,7 @@ export class Negotiation {
   }
 
   onSignal(signal: Signal, accept: boolean, now: number): Action[] {
+    if (signal.type !== "bye") this.heard = true;
     switch (signal.type) {
       case "request": {
         if (!this.offerer) return [{ type: "send", signal: { type: "request" } }];
@@ -139,6 +143,12 @@ export class Negotiation {
           : [];
       case "bye": {
         const reason = signal.reason ?? "peer hung up";
+        // A bye names no attempt. One that comes while we wait for the peer's first answer
+        // to an attempt we started, and is not a busy refusal, belongs to the connection
+        // before: the peer closed it (its channel closed) before it saw our new request or
+        // offer. Ending the new attempt for it would fail an upgrade that is going well. If
+        // the peer did give up on this attempt, the upgrade timeout ends it.
+        if ((this.phase === "requested" || this.phase === "offering") && !this.heard && !reason.startsWith("busy")) return [];
         if (reason.includes("application") || reason.startsWith("busy")) this.noRetry = true;
         return this.closedWith(reason, false, now);
       }

@@ -1060,6 +1060,9 @@ export class P2P {
         signal: (s) => {
           if (p.rtc === conn && !this.closed) this.sendSignal(p.info.id, s);
         },
+        drained: () => {
+          if (p.rtc === conn) this.scheduleFlush();
+        },
         open: () => {
           if (p.rtc === conn && p.neg && !this.closed) this.perform(p, p.neg.onOpen(now()));
         },
@@ -1187,7 +1190,10 @@ export class P2P {
     this.volatileOut = [];
     for (const p of this.peersById.values()) {
       if (p.rtc && p.neg?.open && p.rtc.isOpen) {
-        for (const f of p.link.poll(t)) p.rtc.send(f, false);
+        // A full send buffer: wait for `drained` (frames are at most FRAGMENT_SIZE + header).
+        const room = p.rtc.room;
+        if (room <= 0) continue;
+        for (const f of p.link.poll(t, Math.ceil(room / FRAGMENT_SIZE))) p.rtc.send(f, false);
       } else if (relayUp) for (const f of p.link.poll(t)) out.push(f);
     }
     if (relayUp) this.sendBatches(out);
@@ -1220,7 +1226,9 @@ export class P2P {
     take(this.streams.nextTimeout());
     for (const p of this.peersById.values()) {
       if (p.confirmBy !== undefined) take(p.confirmBy);
-      if (this.session.registered || p.neg?.open) take(p.link.nextTimeout());
+      // A channel with a full buffer wakes us itself (`drained`).
+      const full = p.neg?.open && p.rtc?.isOpen && p.rtc.room <= 0;
+      if ((this.session.registered || p.neg?.open) && !full) take(p.link.nextTimeout());
       if (p.neg) take(p.neg.nextTimeout());
     }
     if (next === null) return;

@@ -10,8 +10,19 @@ import type { Signal } from "./negotiate.js";
 /** The parts of the WebRTC API we use (the browser's, or a Node.js implementation's). */
 export type RTCPeerConnectionCtor = new (config?: any) => any;
 
+/**
+ * What we let wait in the reliable channel's send buffer. Acks and pings share the ordered
+ * channel with the data: a deep buffer delays them behind megabytes of data, the peers'
+ * retransmission timers fire and resend what is still queued. A shallow one keeps them
+ * a few milliseconds behind, and the channel is woken below `BUFFER_LOW`.
+ */
+export const BUFFER_HIGH = 256 * 1024;
+export const BUFFER_LOW = 64 * 1024;
+
 export interface RtcHooks {
   signal(s: Signal): void;
+  /** The reliable channel's send buffer went below `BUFFER_LOW`. */
+  drained(): void;
   open(): void;
   closed(reason: string): void;
   message(bytes: Uint8Array): void;
@@ -82,6 +93,8 @@ export class RtcConn {
       if (b) this.hooks.message(b);
     };
     if (ch.label === "p2p") {
+      ch.bufferedAmountLowThreshold = BUFFER_LOW;
+      ch.onbufferedamountlow = () => !this.done && this.hooks.drained();
       ch.onopen = () => !this.done && this.hooks.open();
       ch.onclose = () => this.fail("data channel closed");
       ch.onerror = () => {};
@@ -184,6 +197,12 @@ export class RtcConn {
   /** The reliable channel is open. */
   get isOpen(): boolean {
     return !this.done && this.dc?.readyState === "open";
+  }
+
+  /** Bytes the reliable channel takes before its buffer is full (`BUFFER_HIGH`). */
+  get room(): number {
+    if (!this.isOpen) return 0;
+    return BUFFER_HIGH - (this.dc.bufferedAmount ?? 0);
   }
 
   get volatileOpen(): boolean {

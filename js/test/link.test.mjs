@@ -168,3 +168,14 @@ test("pings are answered with the same u64 nonce", () => {
   p.run(2);
   assert.deepEqual(p.got.a, [{ type: "pong", nonce }]);
 });
+
+test("poll with maxData: at most that many Data frames, the rest on the next polls", () => {
+  const a = new Link("B");
+  for (let i = 0; i < 10; i++) a.send(ev("n", i));
+  assert.deepEqual(seqs(a.poll(0, 3)), [1, 2, 3]);
+  assert.equal(a.nextTimeout(), 0);
+  assert.deepEqual(seqs(a.poll(1, 0)), []);
+  assert.deepEqual(seqs(a.poll(1, 4)), [4, 5, 6, 7]);
+  assert.deepEqual(seqs(a.poll(2)), [8, 9, 10]);
+  assert.deepEqual(seqs(a.poll(3)), []);
+});

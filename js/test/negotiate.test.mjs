@@ -105,3 +105,24 @@ test("negotiate: a request while open renegotiates; an offer while open re-answe
   assert.deepEqual(b.onSignal({ type: "bye" }, true, 3).length, 2);
   assert.deepEqual(b.onSignal({ type: "bye" }, true, 4), [], "a crossing bye is ignored");
 });
+
+test("negotiate: a bye from the connection before does not end a new attempt; a busy one does", () => {
+  // Requester: the peer's bye crossed our new request.
+  const b = new Negotiation("b", "a", 0);
+  b.start(0);
+  assert.deepEqual(b.onSignal({ type: "bye", reason: "reliable data channel closed" }, true, 1), [], "stale bye ignored");
+  assert.equal(b.phase, "requested");
+  assert.deepEqual(types(b.onSignal({ type: "offer", sdp: "v=0" }, true, 2)), ["closeLink", "acceptOffer"]);
+  assert.deepEqual(types(b.onSignal({ type: "bye", reason: "webrtc: bad sdp" }, true, 3)), ["closeLink", "failed"], "after the peer's offer a bye counts");
+  // Offerer: the same before the answer; busy always counts.
+  const a = new Negotiation("a", "b", 0);
+  a.start(10);
+  assert.deepEqual(a.onSignal({ type: "bye", reason: APP_DOWNGRADE }, true, 11), []);
+  assert.equal(a.phase, "offering");
+  assert.deepEqual(types(a.onSignal({ type: "bye", reason: BUSY }, true, 12)), ["closeLink", "failed"]);
+  // The stale bye's attempt still has its timeout.
+  const c = new Negotiation("c", "d", 0, { upgradeTimeout: 100 });
+  c.start(0);
+  c.onSignal({ type: "bye", reason: "peer hung up" }, true, 1);
+  assert.deepEqual(types(c.onTick(100)), ["closeLink", "failed", "send"]);
+});

@@ -4,7 +4,7 @@ import { describe, test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import path from "node:path";
 import { Interop, until, pattern, sha256 } from "../harness.mjs";
-import { browsers, launch, openPage } from "./browsers.mjs";
+import { browsers, grantMedia, launch, openPage } from "./browsers.mjs";
 
 const jsRoot = path.resolve(import.meta.dirname, "../..");
 
@@ -223,7 +223,7 @@ for (const [name, options] of Object.entries(browsers)) {
   });
 }
 
-describe("the chat page with a Rust chat peer", { timeout: 120_000 }, () => {
+describe("the chat page with a Rust chat peer", { timeout: 60_000 }, () => {
   let it, browser, dir;
   before(async () => {
     const { mkdtempSync, copyFileSync } = await import("node:fs");
@@ -253,10 +253,60 @@ describe("the chat page with a Rust chat peer", { timeout: 120_000 }, () => {
     const got = await it.waitLine((l) => l.ev === "event" && l.peer === "alice" && l.name === "peer-msg");
     assert.deepEqual(got.data, { json: "hello from the page" });
     await it.cmd({ cmd: "emit", peer: "alice", event: "peer-msg", data: "hi web" });
-    await page.waitForFunction(() => document.getElementById("log").textContent.includes("alice (relay): hi web"), { timeout: 20_000 });
+    await page.waitForFunction(() => document.getElementById("log").textContent.includes("alice (via relay): hi web"), { timeout: 20_000 });
     const log = await page.$eval("#log", (el) => [...el.children].map((li) => li.textContent));
     assert.ok(log.includes("web (me): hello from the page"), JSON.stringify(log));
-    assert.ok(log.includes("alice (relay): hi web"), JSON.stringify(log));
+    assert.ok(log.includes("alice (via relay): hi web"), JSON.stringify(log));
     assert.ok(rid);
+  });
+
+  test("go private: everyone moves onto data channels and the lines say so (screenshot)", async () => {
+    // alice (Rust, auto_upgrade off) is in the room from the previous case, with the page "web".
+    await grantMedia(browser, it.url);
+    const open = async (who) => {
+      const page = await browser.newPage();
+      await page.goto(`${it.url}/static/index.html?name=${who}`);
+      await page.waitForFunction(() => window.chatReady && document.getElementById("status").textContent.startsWith("you are"), { timeout: 20_000, polling: 20 });
+      return [page, await page.$eval("#status", (el) => el.textContent.match(/\((.+?)\)/)[1])];
+    };
+    const [p1, id1] = await open("carol");
+    const [p2, id2] = await open("dave");
+    const alice = await it.rustPeer("alice2", { rooms: ["chat"], uid: "alice2" });
+    const everyone = [alice, id1, id2];
+    for (const [p, me] of [[p1, id1], [p2, id2]]) {
+      await p.waitForFunction((ids) => ids.every((id) => id === p2p.id || p2p.peers().some((q) => q.id === id)), { timeout: 20_000, polling: 20 }, everyone.filter((x) => x !== me));
+    }
+    await it.rustSees("alice2", [id1, id2]);
+    await p1.bringToFront();
+    await p1.click("#private");
+    // Every pair of the three is on a data channel: the pages started (alice2 answers).
+    for (const [p, others] of [[p1, [alice, id2]], [p2, [alice, id1]]]) {
+      await p.waitForFunction((ids) => ids.every((id) => p2p.transport(id) === "datachannel"), { timeout: 20_000, polling: 20 }, others);
+    }
+    assert.equal((await it.cmd({ cmd: "transport", peer: "alice2", to: id1 })).transport, "DataChannel");
+    assert.equal((await it.cmd({ cmd: "transport", peer: "alice2", to: id2 })).transport, "DataChannel");
+    await it.cmd({ cmd: "emit", peer: "alice2", event: "peer-msg", data: "hello in private" });
+    await p2.bringToFront();
+    await p2.type("#line", "dave here, privately");
+    await p2.keyboard.press("Enter");
+    const logHas = (p, text) => p.waitForFunction((t) => document.getElementById("log").textContent.includes(t), { timeout: 20_000, polling: 20 }, text);
+    await logHas(p1, "alice2 (via data channel): hello in private");
+    await logHas(p1, "dave (via data channel): dave here, privately");
+    await logHas(p2, "alice2 (via data channel): hello in private");
+    const fromDave = await it.waitLine((l) => l.ev === "event" && l.peer === "alice2" && l.name === "peer-msg" && l.from === id2);
+    assert.equal(fromDave.transport, "DataChannel");
+    await p2.type("#line", "/peers");
+    await p2.keyboard.press("Enter");
+    await logHas(p2, "alice2 (via data channel)");
+    const { tmpdir } = await import("node:os");
+    await p1.bringToFront();
+    const shot = path.join(tmpdir(), "socketio-p2p-chat-private.png");
+    await p1.screenshot({ path: shot, fullPage: true });
+    console.log(`# chat page after going private: ${shot}`);
+    const lines = await p1.$eval("#log", (el) => [...el.children].map((li) => li.textContent));
+    assert.ok(lines.includes("going private: upgrading everyone to WebRTC data channels"), JSON.stringify(lines));
+    assert.ok(lines.filter((l) => l.startsWith("data channel open with")).length >= 2, JSON.stringify(lines));
+    await p1.close();
+    await p2.close();
   });
 });

@@ -26,8 +26,22 @@ export const browsers = {
   },
 };
 
+/**
+ * Grants the microphone permission to `url`'s origin in Chromium (Firefox has it from its
+ * prefs). With mDNS candidates off, Chromium gathers host candidates only for an origin
+ * holding a media permission; without one it binds the any-address and signals no
+ * candidate at all. That still reaches a peer that lists its own candidates (a Rust peer:
+ * Chromium's checks arrive as peer-reflexive), but two such Chromium tabs have nothing to
+ * try and never open a channel.
+ */
+export async function grantMedia(browser, url) {
+  if (!(await browser.version()).toLowerCase().includes("chrom")) return;
+  await browser.defaultBrowserContext().overridePermissions(new URL(url).origin, ["microphone"]);
+}
+
 /** Opens the test page (served by the interop program) and waits until it is ready. */
 export async function openPage(browser, url) {
+  await grantMedia(browser, url);
   const page = await browser.newPage();
   page.on("pageerror", (e) => console.log(`# page error: ${e.message}`));
   await page.goto(`${url}/static/test/browser/page.html`);
