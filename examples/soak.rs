@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use socketio_p2p::{Error, P2p, P2pOptions, Payload};
-use socketio_p2p_tests::{CrashableServer, Cutter};
+use socketio_p2p_tests::{CrashableServer, Cutter, rss_kib};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PEERS: usize = 6;
@@ -66,17 +66,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }
 
 /// Least-squares slope of (minutes, KiB) samples.

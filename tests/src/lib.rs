@@ -430,3 +430,15 @@ pub fn chat_frame(to: &str, from: &str, text: &str) -> Vec<u8> {
     };
     f.encode().map(|b| b.to_vec()).unwrap_or_default()
 }
+
+/// Resident memory of this process now (VmRSS), in KiB; 0 if it cannot be read.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -96,9 +96,8 @@ impl WebRtc {
             op @ (RtcOp::Offer | RtcOp::Accept(_)) => {
                 let conn = self.spawn(key);
                 let _ = conn.ctl.send(op);
-                if let Some(old) = self.conns.insert(key, conn) {
-                    drop(old);
-                }
+                // A connection replaced under the same key closes as it is dropped.
+                self.conns.insert(key, conn);
             }
             op => {
                 if let Some(c) = self.conns.get(&key) {
