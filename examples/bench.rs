@@ -8,9 +8,9 @@
 //! only the table, on stdout).
 //!
 //! Options for diagnosis (the default is the configuration of the README: servers with
-//! TCP_NODELAY, peers with `loopback_only()`, which puts ICE candidates in the SDP):
-//! `--nagle` leaves Nagle's algorithm on on the servers' sockets, `--trickle` trickles ICE
-//! candidates, `--only relay,upgrade` runs some scenarios. `RUST_LOG=...` prints logs on
+//! TCP_NODELAY, peers with `loopback_only()`, which trickles ICE candidates):
+//! `--nagle` leaves Nagle's algorithm on on the servers' sockets, `--no-trickle` puts the
+//! candidates in the SDP instead, `--only relay,upgrade` runs some scenarios. `RUST_LOG=...` prints logs on
 //! stderr.
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -870,7 +870,7 @@ async fn main() -> Res<()> {
     let flag = |name: &str| args.iter().any(|a| a == name);
     let set = Settings {
         nodelay: !flag("--nagle"),
-        trickle: flag("--trickle"),
+        trickle: !flag("--no-trickle"),
     };
     if flag("--serve-only") {
         return serve_only(set.nodelay).await;

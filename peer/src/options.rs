@@ -217,13 +217,8 @@ impl P2pOptions {
     }
     /// Local-only WebRTC: loopback candidates only, no ICE servers, no mDNS. For tests and
     /// demos on one machine.
-    ///
-    /// It also turns trickle off: on loopback, webrtc-rs 0.17 often waits one more 200 ms
-    /// connectivity-check tick for a trickled candidate, while candidates in the SDP connect
-    /// in a few milliseconds. Call [`P2pOptions::trickle`] after it to trickle anyway.
     pub fn loopback_only(mut self) -> Self {
         self.loopback_only = true;
-        self.trickle = false;
         self.ice_servers.clear();
         self.disable_mdns = true;
         self

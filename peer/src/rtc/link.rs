@@ -18,6 +18,7 @@ use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use super::channel::{unwire_all, wire_channel};
 use super::config::{IceTimeouts, OUR_ICE_TIMEOUTS};
 use super::error::map_err;
+use super::nominate::spawn_kicks;
 use super::peer::new_peer_connection;
 use super::sdp::parse_remote_candidate;
 use super::shared::Shared;
@@ -220,7 +221,11 @@ impl RtcLink {
     pub(crate) async fn accept_answer(&self, sdp: &str) -> Result<(), RtcError> {
         let desc = RTCSessionDescription::answer(sdp.to_owned())
             .map_err(|e| RtcError::BadSdp(e.to_string()))?;
-        self.set_remote(desc).await
+        self.set_remote(desc).await?;
+        // We are the controlling side: see that a valid pair is nominated without waiting
+        // for the ICE agent's 200 ms tick.
+        spawn_kicks(Arc::downgrade(&self.pc()), self.shared.key);
+        Ok(())
     }
 
     /// Perfect-negotiation rollback for glare: drop our pending local offer so that a

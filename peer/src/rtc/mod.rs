@@ -25,6 +25,7 @@ mod config;
 mod error;
 mod event;
 mod link;
+mod nominate;
 mod peer;
 mod sdp;
 mod shared;
