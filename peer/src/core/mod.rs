@@ -256,6 +256,8 @@ pub(crate) struct Core {
     peers: HashMap<String, Peer>,
     /// Peer connection keys and whose they are.
     rtc_keys: HashMap<u64, String>,
+    /// Local candidates of connections whose offer or answer has not gone out yet.
+    held_candidates: HashMap<u64, Vec<Signal>>,
     next_key: u64,
     reqs: HashMap<u64, ReqKind>,
     next_rid: u64,
@@ -304,6 +306,7 @@ impl Core {
             my_rooms: opts.effective_rooms().into_iter().collect(),
             peers: HashMap::new(),
             rtc_keys: HashMap::new(),
+            held_candidates: HashMap::new(),
             next_key: 0,
             reqs: HashMap::new(),
             next_rid: 0,

@@ -43,6 +43,11 @@ struct World {
     rtc_works: bool,
     /// The fake data channels carry frames (false: they drop everything silently).
     dc_works: bool,
+    /// The fake stack reports a local candidate before the offer or answer it belongs to,
+    /// as webrtc-rs does when it trickles.
+    early_candidates: bool,
+    /// Remote candidates each side's stack was given.
+    candidates_added: [usize; 2],
 }
 
 fn opts() -> P2pOptions {
@@ -75,6 +80,8 @@ impl World {
             hold_relay: false,
             rtc_works: true,
             dc_works: true,
+            early_candidates: false,
+            candidates_added: [0; 2],
         };
         for i in 0..2 {
             w.input(i, Input::Net(NetIn::Connected));
@@ -216,7 +223,17 @@ impl World {
     /// The fake WebRTC stack: offers and answers go through, channels open at once.
     fn rtc(&mut self, i: usize, key: u64, op: RtcOp) {
         let other = 1 - i;
-
+        if self.early_candidates && matches!(op, RtcOp::Offer | RtcOp::Accept(_)) && self.rtc_works
+        {
+            let c = Signal::Candidate {
+                candidate: format!("candidate:{key} 1 udp 1 127.0.0.1 {} typ host", 5000 + key),
+                sdp_mid: Some("0".into()),
+                sdp_m_line_index: Some(0),
+                username_fragment: None,
+            };
+            let report = RtcReport::Candidate(c);
+            self.input(i, Input::Rtc { key, report });
+        }
         let report = match op {
             RtcOp::Offer if self.rtc_works => {
                 self.sides[i].conns.insert(key, None);
@@ -274,7 +291,10 @@ impl World {
                 remote: crate::stats::CandidateKind::Host,
                 tcp: false,
             })),
-            RtcOp::Candidate(_) => None,
+            RtcOp::Candidate(_) => {
+                self.candidates_added[i] += 1;
+                None
+            }
         };
         if let Some(report) = report {
             self.input(i, Input::Rtc { key, report });
@@ -396,6 +416,17 @@ fn both_start_and_the_smaller_id_offers() {
     // One connection each: the glare resolved to a's offer.
     assert_eq!(w.sides[0].conns.len(), 1);
     assert_eq!(w.sides[1].conns.len(), 1);
+}
+
+#[test]
+fn candidates_found_before_the_sdp_follow_it() {
+    let mut w = World::new(opts(), opts());
+    w.early_candidates = true;
+    w.upgrade();
+    assert_eq!(w.transport(0), Transport::DataChannel);
+    // The remote ignores a candidate that comes before the offer or answer: each side's
+    // candidate waited for its SDP, so each stack got the other's.
+    assert_eq!(w.candidates_added, [1, 1]);
 }
 
 #[test]

@@ -83,9 +83,14 @@ impl Core {
             p.live.seen = now;
         }
         match report {
-            RtcReport::Offer(sdp) => self.send_signal(&id, Signal::Offer { sdp }),
-            RtcReport::Answer(sdp) => self.send_signal(&id, Signal::Answer { sdp }),
-            RtcReport::Candidate(c) => self.send_signal(&id, c),
+            RtcReport::Offer(sdp) => self.send_sdp(&id, key, Signal::Offer { sdp }),
+            RtcReport::Answer(sdp) => self.send_sdp(&id, key, Signal::Answer { sdp }),
+            // The stack finds candidates while it sets our description, before it reports
+            // the SDP: they wait for it (the remote ignores candidates before the SDP).
+            RtcReport::Candidate(c) => match self.held_candidates.get_mut(&key) {
+                Some(held) => held.push(c),
+                None => self.send_signal(&id, c),
+            },
             RtcReport::Open => {
                 let acts = self
                     .peers
@@ -144,8 +149,17 @@ impl Core {
         self.request(op, ReqKind::Signal);
     }
 
+    /// Our offer or answer for connection `key`, then the candidates found before it.
+    fn send_sdp(&mut self, id: &str, key: u64, sdp: Signal) {
+        self.send_signal(id, sdp);
+        for c in self.held_candidates.remove(&key).unwrap_or_default() {
+            self.send_signal(id, c);
+        }
+    }
+
     pub(super) fn close_rtc(&mut self, key: u64) {
         self.rtc_keys.remove(&key);
+        self.held_candidates.remove(&key);
         self.emit(Output::Rtc {
             key,
             op: RtcOp::Close,
@@ -160,6 +174,7 @@ impl Core {
         self.next_key += 1;
         let key = self.next_key;
         self.rtc_keys.insert(key, id.to_owned());
+        self.held_candidates.insert(key, Vec::new());
         if let Some(p) = self.peers.get_mut(id) {
             p.rtc = Some(key);
         }
