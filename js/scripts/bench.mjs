@@ -8,10 +8,14 @@
 // - browser_upgrade, firefox_upgrade: a page and a Rust peer, `upgradePeer()` to the reply
 //   of an `emitWithAck` over the new channel, `runs` times with each side as the offerer.
 // - browser_pair_upgrade (two Chromium tabs), chromium_firefox_pair_upgrade: the same between
-//   two pages through the Rust server.
+//   two pages through the Rust server, beside a baseline measured in the same run: the
+//   browsers' own RTCPeerConnections, signaled as application events over the same relay
+//   (`baseline`, `p50_ratio`).
 // - browser_throughput, firefox_throughput: 64 MiB as 16 KiB binary events page -> Rust
 //   peer over the data channel, timed until the Rust peer got the last one; the baseline is
 //   the browser's bare RTCDataChannel to a bare webrtc-rs peer connection, in the same run.
+// P2P_BENCH_SLOW=1 prints, for each upgrade run over 100 ms, its steps and the page's frames
+// around the echo (what went out on which transport, and what came back).
 // Uses the release build of the interop program when there is one
 // (`cargo build --release -p socketio-p2p-examples --example interop`), or INTEROP_BIN.
 import { spawnSync } from "node:child_process";
@@ -92,15 +96,35 @@ const upgradeOnce = (page, key, to) =>
     p.traceFor = o.to;
     const t0 = performance.now();
     await p.upgradePeer(o.to);
+    const log = [];
+    if (o.debug) {
+      const st = p["peersById"].get(o.to);
+      const send = st.rtc.send.bind(st.rtc);
+      st.rtc.send = (f, v) => (log.push([`dc-send ${f.length} open=${st.rtc.isOpen}`, performance.now() - t0]), send(f, v));
+      const sb = p.sendBatches.bind(p);
+      p.sendBatches = (fs) => (log.push([`relay-send ${fs.length}`, performance.now() - t0]), sb(fs));
+      const dl = p.deliver.bind(p);
+      p.deliver = (a, d, v, via) => (log.push([`deliver ${d.type} via ${via}`, performance.now() - t0]), dl(a, d, v, via));
+      const cf = p.onChannelFrame.bind(p);
+      p.onChannelFrame = (a, b) => (log.push([`dc-in ${b.length}`, performance.now() - t0]), cf(a, b));
+      log.push(["echo", performance.now() - t0]);
+    }
     await p.to(o.to).emitWithAck("echo", 1);
     const ms = performance.now() - t0;
+    if (o.debug) {
+      const st = p["peersById"].get(o.to);
+      delete st.rtc.send;
+      delete p.sendBatches;
+      delete p.deliver;
+      delete p.onChannelFrame;
+    }
     if (p.transport(o.to) !== "datachannel") throw new Error("not on the data channel");
     const trace = {};
     for (const [what, t] of p.trace) if (!(what in trace)) trace[what] = Math.round((t - t0) * 10) / 10;
     p.trace = null;
     p.downgradePeer(o.to);
-    return { ms, trace };
-  }, { key, to });
+    return { ms, trace, log };
+  }, { key, to, debug: !!process.env.P2P_BENCH_SLOW });
 
 /** The median time of each step of the traces. */
 function phases(traces) {
@@ -147,6 +171,7 @@ async function browserRust(it, browserName, scenario) {
         const { name, id } = rust[role];
         const mark = it.lines.length;
         const r = await upgradeOnce(page, "b", id);
+        if (process.env.P2P_BENCH_SLOW && r.ms > 100) console.error(`bench: slow run ${role} ${r.ms} ms ending ${new Date().toISOString()} ${JSON.stringify(r.trace)} ${JSON.stringify(r.log.map(([w, t]) => `${w}@${Math.round(t * 10) / 10}`))}`);
         times[role].push(r.ms);
         traces[role].push(r.trace);
         // The Rust peer is back on the relay before the next attempt.
@@ -169,6 +194,72 @@ async function browserRust(it, browserName, scenario) {
   }
 }
 
+/**
+ * The baseline of a pair upgrade: the browsers' own RTCPeerConnections with nothing of ours
+ * on the WebRTC side, the SDP and trickled candidates carried as application events over the
+ * same Socket.IO relay; from `createOffer` to a reply over the new channel, in ms.
+ */
+const bareSignaling = (page, key) =>
+  page.evaluate((key) => {
+    const p = peers[key];
+    if (p.bare) return;
+    p.bare = { pcs: new Map() };
+    const send = (to, m) => p.to(to).emit("bare-sig", m);
+    const mkPc = (to) => {
+      p.bare.pcs.get(to)?.close();
+      const pc = new RTCPeerConnection({ iceServers: [] });
+      pc.onicecandidate = (e) => e.candidate && send(to, { c: e.candidate.toJSON() });
+      p.bare.pcs.set(to, pc);
+      return pc;
+    };
+    p.on("bare-sig", async (m, meta) => {
+      const from = meta.from;
+      if (m.offer) {
+        const pc = mkPc(from);
+        pc.ondatachannel = (e) => {
+          p.bare.channel = e.channel;
+          e.channel.onmessage = () => e.channel.send("pong");
+        };
+        await pc.setRemoteDescription({ type: "offer", sdp: m.offer });
+        for (const c of p.bare.early?.get(from) ?? []) await pc.addIceCandidate(c);
+        p.bare.early?.delete(from);
+        await pc.setLocalDescription(await pc.createAnswer());
+        send(from, { answer: pc.localDescription.sdp });
+      } else if (m.answer) {
+        await p.bare.pcs.get(from)?.setRemoteDescription({ type: "answer", sdp: m.answer });
+      } else if (m.c) {
+        const pc = p.bare.pcs.get(from);
+        if (pc?.remoteDescription) await pc.addIceCandidate(m.c);
+        else {
+          p.bare.early ??= new Map();
+          p.bare.early.set(from, [...(p.bare.early.get(from) ?? []), m.c]);
+        }
+      }
+    });
+  }, key);
+
+const bareOnce = (page, key, to) =>
+  page.evaluate(async (o) => {
+    const p = peers[o.key];
+    const t0 = performance.now();
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    pc.onicecandidate = (e) => e.candidate && p.to(o.to).emit("bare-sig", { c: e.candidate.toJSON() });
+    p.bare.pcs.set(o.to, pc);
+    const dc = pc.createDataChannel("bare");
+    p.bare.dc = dc;
+    const pong = new Promise((r) => (dc.onmessage = r));
+    dc.onopen = () => dc.send("ping");
+    await pc.setLocalDescription(await pc.createOffer());
+    p.to(o.to).emit("bare-sig", { offer: pc.localDescription.sdp });
+    const late = new Promise((_, no) => setTimeout(() => no(new Error(`bare pair: no reply in 10 s (${pc.signalingState}, ice ${pc.iceConnectionState}, channel ${dc.readyState})`)), 10_000));
+    await Promise.race([pong, late]);
+    const ms = performance.now() - t0;
+    // The answerer closes its side when the next offer comes.
+    pc.close();
+    p.bare.pcs.delete(o.to);
+    return ms;
+  }, { key, to });
+
 async function pagePair(it, names, scenario) {
   const opened = await Promise.all(names.map((n) => launch(browsers[n])));
   try {
@@ -190,14 +281,26 @@ async function pagePair(it, names, scenario) {
       }, key);
     }
     const times = [];
+    const traces = [];
     for (let i = 0; i < runs; i++) {
       // Alternate the side that starts; the smaller id offers either way.
       const [p, key, to, other, okey, from] = i % 2 ? [pb, "b", a, pa, "a", b] : [pa, "a", b, pb, "b", a];
       const byes = await other.evaluate((okey) => peers[okey].byes, okey);
-      times.push((await upgradeOnce(p, key, to)).ms);
+      const r = await upgradeOnce(p, key, to);
+      times.push(r.ms);
+      traces.push(r.trace);
       await other.waitForFunction((o) => peers[o.okey].byes > o.byes && peers[o.okey].transport(o.from) === "relay" && !peers[o.okey]["peersById"].get(o.from)?.neg?.active, { timeout: 10_000, polling: 5 }, { okey, from, byes });
     }
-    report(scenario, stats(times));
+    // The baseline in the same run: the browsers' own stack, the same pages and relay.
+    await bareSignaling(pa, "a");
+    await bareSignaling(pb, "b");
+    const bare = [];
+    for (let i = 0; i < runs; i++) {
+      const [p, key, to] = i % 2 ? [pb, "b", a] : [pa, "a", b];
+      bare.push(await bareOnce(p, key, to));
+    }
+    const base = stats(bare);
+    report(scenario, { ...stats(times), steps_ms: phases(traces), baseline: base, p50_ratio: Math.round((pct(times, 50) / base.p50_ms) * 100) / 100 });
     for (const p of [pa, pb]) await p.evaluate(() => Object.values(peers).forEach((p) => p.close()));
   } finally {
     await Promise.all(opened.map((b) => b.close()));
