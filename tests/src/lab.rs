@@ -248,6 +248,29 @@ pub fn turn_credentials(secret: &str, who: &str, ttl: Duration) -> (String, Stri
     (user, pass)
 }
 
+/// Deletes the namespaces of labs whose test process is gone (killed before its drops ran).
+fn remove_stale_labs() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("p2plab")
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// The whole lab. Fields drop in order: hosts (their runtimes), TURN, routers, public.
 pub struct Lab {
     pub hosts: Vec<Host>,
@@ -264,6 +287,7 @@ impl Lab {
     /// (LAN 192.168.1.0/24, the first home's subnet, to move a host to).
     pub fn new(homes: &[Home], spare: usize, with_turn: bool) -> Lab {
         crate::init_tracing();
+        remove_stale_labs();
         let prefix = format!(
             "p2plab{}x{}",
             std::process::id(),
@@ -371,16 +395,20 @@ impl Lab {
         ]);
     }
 
-    /// Unplugs host `h` from its router and plugs it into `router` (same subnet, so it
-    /// keeps its address, as a laptop moving between two home networks would): its
-    /// connections now leave through another NAT with other ports.
-    pub fn move_host(&mut self, h: usize, router: usize) {
+    /// Unplugs host `h` from its router: it has no network until [`Lab::replug_host`].
+    pub fn unplug_host(&mut self, h: usize) {
+        self.hosts[h].ns.ip(&["link", "del", "eth0"]);
+    }
+
+    /// Plugs the unplugged host `h` into `router` (same subnet, so it keeps its address, as
+    /// a laptop moving between two home networks would): its connections now leave
+    /// through another NAT with other ports.
+    pub fn replug_host(&mut self, h: usize, router: usize) {
         assert_eq!(
             self.routers[router].lan, self.routers[self.hosts[h].router].lan,
             "the new router must serve the host's subnet"
         );
         let host = &self.hosts[h];
-        host.ns.ip(&["link", "del", "eth0"]);
         self.plug(&host.ns, host.addr, router);
         self.hosts[h].router = router;
     }
@@ -440,8 +468,12 @@ impl Lab {
         // Spawned, not run by `block_on` on this thread: the socket must be opened by a
         // thread of the namespace.
         let task = self.public_rt.spawn(async move {
+            // Engine.IO pings every second: a connection lost without a word (a host that
+            // moved away) is noticed within two seconds.
             let (layer, io) = socketioxide::SocketIo::builder()
                 .max_buffer_size(4096)
+                .ping_interval(Duration::from_secs(1))
+                .ping_timeout(Duration::from_secs(1))
                 .build_layer();
             signaling.attach(&io);
             let app = axum::Router::new().layer(layer);

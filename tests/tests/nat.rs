@@ -382,3 +382,113 @@ fn server_issued_turn_credentials_work_then_expire() {
         assert!(r.is_err(), "expired credentials were accepted");
     });
 }
+
+/// A host moves to another home network in the middle of a transfer (its veth is re-plugged
+/// into another router: same address, another NAT, other ports). Its data channel dies and
+/// its server connection breaks; the relay carries on once it reconnects, nothing is lost or
+/// reordered, and the pair is back on a direct path after a fresh negotiation.
+#[test]
+fn a_host_moving_to_another_network_comes_back_direct() {
+    let mut lab = Lab::new(&[Home::cone(), Home::cone()], 1, true);
+    let sig = signaling(Duration::from_secs(600));
+    let url = lab.serve(sig.clone());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dc_timeout = Duration::from_secs(1);
+    let o = || {
+        opts()
+            .upgrade_timeout(Duration::from_secs(3))
+            .auto_upgrade(true)
+            .dc_timeout(dc_timeout)
+            .retry_backoff(Duration::from_millis(200), Duration::from_secs(1))
+            .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
+    };
+    let (a, b) = rt.block_on(async {
+        let a = connect(&lab, 0, &url, o()).await;
+        let b = connect(&lab, 1, &url, o()).await;
+        (a, b)
+    });
+    let on_path = |lab: &Lab, a: &P2p, b: &P2p| {
+        let (a, b) = (a.clone(), b.clone());
+        let h = lab.hosts[0].spawn(async move {
+            let s = a.stats(b.id()).await.ok()?;
+            Some((s.path, s.candidates))
+        });
+        async move { h.await.ok().flatten() }
+    };
+    rt.block_on(async {
+        let t = Instant::now();
+        assert!(
+            wait_until(15, || async {
+                matches!(on_path(&lab, &a, &b).await, Some((Path::Direct, Some(_))))
+            })
+            .await,
+            "never direct: {:?}",
+            on_path(&lab, &a, &b).await
+        );
+        eprintln!("direct after {:?}", t.elapsed());
+    });
+    let cb = count(&b, a.id());
+    let ca = count(&a, b.id());
+    let (s1, s2) = rt.block_on(async {
+        (
+            send_events(&lab, 0, &a, b.id()).await,
+            send_events(&lab, 1, &b, a.id()).await,
+        )
+    });
+    // Mid-stream: once some events are through, move host 0 to router 3.
+    rt.block_on(async {
+        assert!(
+            wait_until(20, || async {
+                cb.next.load(Ordering::SeqCst) > EVENTS / 10
+            })
+            .await
+        );
+    });
+    // The move takes the host off the network until the server has noticed that its
+    // connection is gone (its Engine.IO pings go unanswered): then the peer takes its id
+    // back when it reconnects. (Back sooner, it would find its old connection still
+    // holding the id and come back as a new peer.)
+    let moved = Instant::now();
+    lab.unplug_host(0);
+    rt.block_on(async {
+        assert!(wait_until(10, || async { sig.stats().away == 1 }).await);
+    });
+    lab.replug_host(0, 2);
+    eprintln!("replugged {:?} after the move", moved.elapsed());
+    rt.block_on(async {
+        s1.await.unwrap();
+        s2.await.unwrap();
+        let done = wait_until(60, || async {
+            ca.next.load(Ordering::SeqCst) >= EVENTS && cb.next.load(Ordering::SeqCst) >= EVENTS
+        })
+        .await;
+        assert!(
+            done,
+            "a got {}, b got {}",
+            ca.next.load(Ordering::SeqCst),
+            cb.next.load(Ordering::SeqCst)
+        );
+        for c in [&ca, &cb] {
+            assert_eq!(c.next.load(Ordering::SeqCst), EVENTS, "duplicates");
+            assert_eq!(c.bad.load(Ordering::SeqCst), 0, "out of order");
+        }
+        eprintln!("all events through {:?} after the move", moved.elapsed());
+        let back = Instant::now();
+        // Back on a direct path, through the new router.
+        assert!(
+            wait_until(30, || async {
+                matches!(on_path(&lab, &a, &b).await, Some((Path::Direct, Some(_))))
+            })
+            .await,
+            "not direct again: {:?}",
+            on_path(&lab, &a, &b).await
+        );
+        let sa = stats(&lab, 0, &a, b.id()).await;
+        eprintln!(
+            "direct again {:?} after the move, {:?} after the events: {sa:?}",
+            moved.elapsed(),
+            back.elapsed()
+        );
+        assert!(sa.upgrades >= 2, "{sa:?}");
+    });
+}
