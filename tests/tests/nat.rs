@@ -281,6 +281,15 @@ fn both_symmetric_nats_go_through_turn() {
     check([Home::symmetric(), Home::symmetric()], Path::Turn);
 }
 
+/// A router that drops all UDP: no ICE candidate of that home can reach anything. TURN over
+/// TCP would get through, but webrtc-rs 0.17 gathers relay candidates over UDP only
+/// (`turn:...?transport=tcp` is skipped), so the pair stays on our Socket.IO relay, which
+/// runs over TCP.
+#[test]
+fn udp_blocked_at_one_router_stays_on_the_relay() {
+    check([Home::cone().block_udp(), Home::cone()], Path::Relay);
+}
+
 #[test]
 fn turn_unreachable_stays_on_the_relay() {
     check(
