@@ -699,6 +699,7 @@ export class P2P {
 
   private onWelcome(w: Welcome, first: boolean): void {
     const t = now();
+    this.serverIce = w.ice_servers ?? [];
     const listed = new Set<string>();
     if (!first && !w.continued) {
       for (const p of [...this.peersById.values()]) this.forget(p, "PeerOffline", false);
@@ -1048,12 +1049,16 @@ export class P2P {
     this.perform(p, neg.onSignal(m.signal, this.mayConnect(p), now()));
   }
 
+  /** ICE servers of the last welcome (used beside `opts.iceServers`). */
+  private serverIce: unknown[] = [];
+
   private sendSignal(peer: string, signal: Signal): void {
     void this.request("signal", { to: peer, signal }, { retry: false }).catch(() => {});
   }
 
   private newConn(p: PeerState): RtcConn {
-    const config: Record<string, unknown> = { iceServers: this.opts.iceServers ?? [], ...(this.opts.rtcConfig ?? {}) };
+    const iceServers = [...(this.opts.iceServers ?? []), ...this.serverIce];
+    const config: Record<string, unknown> = { iceServers, ...(this.opts.rtcConfig ?? {}) };
     const conn: RtcConn = new RtcConn(
       { impl: this.rtcImpl!, config, trickle: this.opts.trickle ?? true },
       {

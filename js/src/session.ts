@@ -26,6 +26,8 @@ export interface Welcome {
   max_frame: number;
   token: string;
   continued: boolean;
+  /** STUN/TURN servers handed out by the server (short-lived TURN credentials), to use beside our own. */
+  ice_servers?: { urls: string[]; username?: string; credential?: string }[];
 }
 
 export interface ServerError {

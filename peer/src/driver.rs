@@ -192,6 +192,7 @@ impl Driver {
                 Output::Relay(batch) => self.relay.batch(batch),
                 Output::Request(r) => self.relay.request(r),
                 Output::Rtc { key, op } => self.rtc.apply(key, op),
+                Output::IceServers(servers) => self.rtc.set_server_ice(servers),
                 Output::Event(d) => self.deliver(d),
                 Output::PeerEvent(e) => {
                     let _ = self.out.peer_events.send(e);

@@ -77,7 +77,12 @@ pub enum UpgradeFailure {
     PeerHungUp,
     /// An application asked to go back to the relay (ours or the peer's).
     Application,
-    /// The connection failed (ICE, DTLS, a bad description...): the text says how.
+    /// ICE found no candidate pair that works (both peers behind NATs that do not let a
+    /// direct path through, and no usable TURN server). Reported when ICE gives up (after
+    /// about 8 s of checks) within `upgrade_timeout`; a shorter `upgrade_timeout` reports
+    /// `Timeout`.
+    IceFailed,
+    /// The connection failed otherwise (DTLS, a bad description...): the text says how.
     Failed(String),
 }
 

@@ -477,6 +477,7 @@ fn control_messages() -> Vec<(&'static str, Value)> {
                         max_frame: 262144,
                         token: "inst.9b1f0c7a".into(),
                         continued: false,
+                        ice_servers: Vec::new(),
                     })
                     .unwrap(),
                 ),

@@ -185,6 +185,8 @@ pub(crate) enum Output {
     },
     /// What `P2p::new` returns.
     Ready(Result<PeerInfo>),
+    /// ICE servers the server handed out in its welcome (replacing earlier ones).
+    IceServers(Vec<socketio_p2p_signaling::protocol::IceServerInfo>),
     /// The core stopped: disconnect from the server.
     Stopped,
 }

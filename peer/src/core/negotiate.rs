@@ -30,6 +30,10 @@ pub(crate) enum Reason {
     Local(String),
 }
 
+/// Why a connection closed when ICE gave up: no candidate pair worked (or, once
+/// connected, none works any more).
+pub(crate) const ICE_FAILED: &str = "ICE failed: no candidate pair works";
+
 /// The `bye` reason a refusal carries on the wire (PROTOCOL.md section 9).
 pub(crate) const BYE_BUSY: &str = "busy: num_clients reached";
 /// The `bye` reason an application downgrade carries on the wire.
@@ -54,6 +58,7 @@ impl Reason {
             Reason::PeerBusy => F::Refused,
             Reason::Peer(_) => F::PeerHungUp,
             Reason::Timeout(_) => F::Timeout,
+            Reason::Closed(s) if s == ICE_FAILED => F::IceFailed,
             Reason::Closed(s) | Reason::Local(s) => F::Failed(s.clone()),
         }
     }

@@ -293,6 +293,7 @@ impl Core {
             uid: w.uid,
         };
         self.token = w.token;
+        self.emit(Output::IceServers(w.ice_servers));
         self.phase = if self.opts.peer_uid.is_some() && !self.announced {
             Phase::Pairing
         } else {

@@ -158,6 +158,7 @@ impl World {
             Output::Credit(_)
             | Output::IncomingStream(_)
             | Output::RunCall { .. }
+            | Output::IceServers(_)
             | Output::Stopped => {}
         }
     }
@@ -193,6 +194,7 @@ impl World {
                     max_frame: 1 << 20,
                     token: "t".into(),
                     continued: resume.is_some(),
+                    ice_servers: Vec::new(),
                 };
                 serde_json::to_value(w).unwrap_or_default()
             }

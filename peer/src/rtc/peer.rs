@@ -4,6 +4,7 @@ use std::sync::{Arc, Weak};
 
 use webrtc::data_channel::RTCDataChannel;
 use webrtc::ice_transport::ice_candidate::RTCIceCandidate;
+use webrtc::ice_transport::ice_connection_state::RTCIceConnectionState;
 use webrtc::peer_connection::RTCPeerConnection;
 use webrtc::peer_connection::configuration::RTCConfiguration;
 use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState;
@@ -33,6 +34,17 @@ pub(super) async fn new_peer_connection(
     pc.on_ice_candidate(Box::new(move |c: Option<RTCIceCandidate>| {
         if let Some(sh) = w.upgrade() {
             sh.emit_local_candidate(c);
+        }
+        Box::pin(async {})
+    }));
+
+    let w = weak.clone();
+    pc.on_ice_connection_state_change(Box::new(move |s: RTCIceConnectionState| {
+        // Reported before the peer connection state follows, so the reason says ICE.
+        if s == RTCIceConnectionState::Failed
+            && let Some(sh) = w.upgrade()
+        {
+            sh.report_closed(crate::core::negotiate::ICE_FAILED.to_owned());
         }
         Box::pin(async {})
     }));

@@ -48,6 +48,12 @@ impl WebRtc {
     }
 
     pub(crate) fn close_all(&mut self) {}
+
+    pub(crate) fn set_server_ice(
+        &mut self,
+        _servers: Vec<socketio_p2p_signaling::protocol::IceServerInfo>,
+    ) {
+    }
 }
 
 pub(crate) fn report_of(ev: RtcEvent) -> Option<RtcReport> {

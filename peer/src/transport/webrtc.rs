@@ -64,6 +64,8 @@ pub(crate) struct WebRtc {
     events: mpsc::UnboundedSender<(u64, RtcEvent)>,
     /// Test hook: offers and answers wait this long before they start.
     hang: Duration,
+    /// ICE servers from the server's welcome (short-lived TURN credentials).
+    server_ice: Vec<IceServerConfig>,
 }
 
 impl WebRtc {
@@ -79,6 +81,7 @@ impl WebRtc {
             reports,
             events,
             hang,
+            server_ice: Vec::new(),
         }
     }
 
@@ -107,6 +110,22 @@ impl WebRtc {
         }
     }
 
+    /// ICE servers from the server's welcome: used beside our own by connections made
+    /// from now on.
+    pub(crate) fn set_server_ice(
+        &mut self,
+        servers: Vec<socketio_p2p_signaling::protocol::IceServerInfo>,
+    ) {
+        self.server_ice = servers
+            .into_iter()
+            .map(|s| IceServerConfig {
+                urls: s.urls,
+                username: s.username,
+                credential: s.credential,
+            })
+            .collect();
+    }
+
     /// Drops every connection (each closes in its own task).
     pub(crate) fn close_all(&mut self) {
         self.conns.clear();
@@ -118,7 +137,11 @@ impl WebRtc {
         let (stop, stop_rx) = oneshot::channel();
         let task = ConnTask {
             key,
-            cfg: self.cfg.clone(),
+            cfg: {
+                let mut cfg = self.cfg.clone();
+                cfg.ice_servers.extend(self.server_ice.iter().cloned());
+                cfg
+            },
             reports: self.reports.clone(),
             events: self.events.clone(),
             hang: self.hang,

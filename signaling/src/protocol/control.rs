@@ -343,6 +343,23 @@ pub struct Welcome {
     /// after a resume of an id whose departure was announced: start afresh.
     #[serde(default)]
     pub continued: bool,
+    /// STUN/TURN servers the server hands out (with short-lived TURN credentials), to use
+    /// beside the peer's own. Absent when the server gives none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ice_servers: Vec<IceServerInfo>,
+}
+
+/// One ICE server in a [`Welcome`] (the shape of WebRTC's `RTCIceServer`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServerInfo {
+    /// URLs, e.g. `turn:turn.example.org:3478?transport=udp`.
+    pub urls: Vec<String>,
+    /// TURN username (coturn REST scheme: `<expiry unix time>:<peer>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// The peers of one room.

@@ -14,7 +14,7 @@ pub use codec::{
     peek_route, stamp_from,
 };
 pub use control::{
-    CallError, CallFor, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, FrameEncoding,
+    CallError, CallFor, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, FrameEncoding, IceServerInfo,
     MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo, Presence, Publication, Request,
     Response, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
 };

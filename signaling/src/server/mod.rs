@@ -24,7 +24,9 @@ mod stats;
 
 pub use attach::{SignalingMiddleware, serve};
 pub use authz::{Action, Authorization};
-pub use options::{AuthHook, AuthorizeHook, BoxFuture, PeerHook, SignalingOptions};
+pub use options::{
+    AuthHook, AuthorizeHook, BoxFuture, PeerHook, SignalingOptions, TurnCredentials, turn_password,
+};
 pub use stats::SignalingStats;
 
 // The one place where the `redis` feature comes in: the Redis implementation of

@@ -160,6 +160,10 @@ impl P2pSignaling {
             max_frame: self.inner.opts.max_frame,
             token,
             continued,
+            ice_servers: (self.inner.opts.turn.as_ref())
+                .map(|t| t.issue(h.uid.as_deref().unwrap_or(id)))
+                .into_iter()
+                .collect(),
         };
         cx.out.push(
             &cx.me,

@@ -39,6 +39,7 @@ pub struct SignalingOptions {
     pub(super) authorize: Option<AuthorizeHook>,
     pub(super) on_peer_joined: Option<PeerHook>,
     pub(super) on_peer_left: Option<PeerHook>,
+    pub(super) turn: Option<TurnCredentials>,
 }
 
 impl Default for SignalingOptions {
@@ -60,6 +61,7 @@ impl Default for SignalingOptions {
             authorize: None,
             on_peer_joined: None,
             on_peer_left: None,
+            turn: None,
         }
     }
 }
@@ -204,4 +206,87 @@ impl SignalingOptions {
         self.on_peer_left = Some(Arc::new(hook));
         self
     }
+    /// Gives every peer short-lived TURN credentials in its `Welcome` (coturn's REST-API
+    /// shared-secret scheme), so that no TURN password ships in client code. Peers use
+    /// these servers beside their own.
+    pub fn turn_credentials(mut self, turn: TurnCredentials) -> Self {
+        self.turn = Some(turn);
+        self
+    }
+}
+
+/// TURN servers that share a secret with this server (coturn: `use-auth-secret` and
+/// `static-auth-secret=<secret>`): each peer gets the username `<expiry unix time>:<uid or
+/// id>` and the password base64(HMAC-SHA1(secret, username)), valid for [`TurnCredentials::ttl`].
+///
+/// ```
+/// use std::time::Duration;
+/// use socketio_p2p_signaling::{SignalingOptions, TurnCredentials};
+/// let turn = TurnCredentials::new(["turn:turn.example.org:3478"], "s3cret")
+///     .ttl(Duration::from_secs(3600));
+/// let opts = SignalingOptions::default().turn_credentials(turn);
+/// ```
+#[derive(Clone)]
+pub struct TurnCredentials {
+    urls: Vec<String>,
+    secret: String,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for TurnCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnCredentials")
+            .field("urls", &self.urls)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TurnCredentials {
+    /// TURN (and STUN) URLs sharing `secret`; credentials valid for one day by default.
+    pub fn new(
+        urls: impl IntoIterator<Item = impl Into<String>>,
+        secret: impl Into<String>,
+    ) -> Self {
+        Self {
+            urls: urls.into_iter().map(Into::into).collect(),
+            secret: secret.into(),
+            ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+    /// How long credentials stay valid after the `Welcome` (default one day). A peer that
+    /// reconnects gets new ones; an allocation made before expiry lives on.
+    pub fn ttl(mut self, d: Duration) -> Self {
+        self.ttl = d;
+        self
+    }
+    /// The ICE server entry for `who`, valid from now for the TTL.
+    pub(super) fn issue(&self, who: &str) -> crate::protocol::IceServerInfo {
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_add(self.ttl)
+            .as_secs();
+        let username = format!("{expiry}:{who}");
+        let credential = turn_password(&self.secret, &username);
+        crate::protocol::IceServerInfo {
+            urls: self.urls.clone(),
+            username: Some(username),
+            credential: Some(credential),
+        }
+    }
+}
+
+/// The TURN password of `username` under coturn's REST-API scheme:
+/// base64(HMAC-SHA1(secret, username)).
+pub fn turn_password(secret: &str, username: &str) -> String {
+    use base64::Engine as _;
+    use hmac::{Hmac, Mac};
+    let mut mac = match Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        // HMAC takes keys of any length.
+        Err(_) => return String::new(),
+    };
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
