@@ -14,6 +14,8 @@ export const RTO_MIN = 200;
 export const RTO_MAX = 2000;
 /** Longest a taken frame waits for its acknowledgement (ms). */
 export const ACK_DELAY = 5;
+/** The shortest first retransmission timeout after a transport change (ms). */
+export const SWITCH_RTO_MIN = 20;
 
 export interface LinkOptions {
   /** Frames in flight beyond the last acknowledgement (default 256). */
@@ -58,6 +60,12 @@ export class Link {
   private head = 0;
   private rto = RTO_MIN;
   private rtoAt: number | null = null;
+  /** Highest seq sent so far (resends are not timed). */
+  private highestSent = 0;
+  /** The one frame being timed: its seq and when it went out. */
+  private rttProbe: { seq: number; at: number } | null = null;
+  /** Smoothed round trip (ms), from a frame to its acknowledgement. */
+  private srtt: number | null = null;
   /** Unsequenced frames waiting for the next poll (pongs, pings). */
   private control: Uint8Array[] = [];
 
@@ -150,11 +158,19 @@ export class Link {
         this.head = 0;
       }
       this.acked = upto;
+      if (this.rttProbe && upto >= this.rttProbe.seq) {
+        const sample = Math.max(0, now - this.rttProbe.at);
+        this.srtt = this.srtt === null ? sample : (this.srtt * 7 + sample) / 8;
+        this.rttProbe = null;
+      }
       if (this.sentUpto < upto) this.sentUpto = upto;
       this.rto = RTO_MIN;
       this.rtoAt = this.sentUpto > this.acked ? now + this.rto : null;
     }
-    if (nack && upto >= this.acked && this.sentUpto > upto) this.sentUpto = upto;
+    if (nack && upto >= this.acked && this.sentUpto > upto) {
+      this.sentUpto = upto;
+      this.rttProbe = null;
+    }
   }
 
   private onData(seq: number, more: boolean, msg: Msg, now: number): Delivery[] {
@@ -219,13 +235,26 @@ export class Link {
 
   /** `p2p:error` Busy for a frame of this link: resend from `seq`. */
   busy(seq: number): void {
-    if (seq > this.acked && seq <= this.sentUpto) this.sentUpto = seq - 1;
+    if (seq > this.acked && seq <= this.sentUpto) {
+      this.sentUpto = seq - 1;
+      this.rttProbe = null;
+    }
   }
 
-  /** The transport changed (or a resumed connection): resend everything unacknowledged. */
+  /** Smoothed round trip in ms (from a frame to its acknowledgement), once measured. */
+  get rtt(): number | null {
+    return this.srtt;
+  }
+
+  /**
+   * The transport changed (or a resumed connection): resend everything unacknowledged. The
+   * first timeout on the new transport follows the round trip measured so far (PROTOCOL.md
+   * section 5): a fresh data channel now and then loses the first message sent on it.
+   */
   resend(): void {
     this.sentUpto = this.acked;
-    this.rto = RTO_MIN;
+    this.rttProbe = null;
+    this.rto = this.srtt === null ? RTO_MIN : Math.min(RTO_MIN, Math.max(SWITCH_RTO_MIN, 2 * this.srtt + ACK_DELAY));
     this.rtoAt = null;
     this.ackNow = this.consumed > 0;
   }
@@ -239,6 +268,7 @@ export class Link {
     this.control = [];
     if (this.rtoAt !== null && now >= this.rtoAt && this.sentUpto > this.acked) {
       this.sentUpto = this.acked;
+      this.rttProbe = null;
       this.rto = Math.min(this.rto * 2, RTO_MAX);
       this.rtoAt = now + this.rto;
     }
@@ -251,6 +281,11 @@ export class Link {
     const limit = Math.min(this.acked + this.window, this.nextSeq - 1, this.sentUpto + Math.max(0, maxData));
     if (this.sentUpto < limit) {
       for (let s = this.sentUpto + 1; s <= limit; s++) out.push(this.unacked[this.head + s - this.acked - 1]!);
+      if (limit > this.highestSent) {
+        // One new frame at a time is timed, never a resent one (Karn).
+        if (this.rttProbe === null) this.rttProbe = { seq: Math.max(this.sentUpto, this.highestSent) + 1, at: now };
+        this.highestSent = limit;
+      }
       this.sentUpto = limit;
       if (this.rtoAt === null) this.rtoAt = now + this.rto;
     }

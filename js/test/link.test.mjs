@@ -179,3 +179,29 @@ test("poll with maxData: at most that many Data frames, the rest on the next pol
   assert.deepEqual(seqs(a.poll(2)), [8, 9, 10]);
   assert.deepEqual(seqs(a.poll(3)), []);
 });
+
+test("after a transport change the first resend follows the measured round trip", () => {
+  const a = new Link("B");
+  // Nothing measured yet: the usual RTO.
+  a.send(ev("n", 0));
+  a.poll(0);
+  a.resend();
+  a.poll(0);
+  assert.equal(a.nextTimeout(), RTO_MIN);
+  // A resent frame is not timed (Karn)...
+  a.handle({ kind: "linkAck", upto: 1, nack: false }, 1);
+  assert.equal(a.rtt, null);
+  // ...a new one is: a round trip of 1 ms; 2 × 1 + the 5 ms ack delay is below the 20 ms floor.
+  a.send(ev("n", 1));
+  a.poll(10);
+  a.handle({ kind: "linkAck", upto: 2, nack: false }, 11);
+  assert.equal(a.rtt, 1);
+  a.send(ev("n", 2));
+  a.poll(20);
+  a.resend();
+  assert.deepEqual(seqs(a.poll(20)), [3]);
+  assert.equal(a.nextTimeout(), 40);
+  // Resent then, and the timeout doubles as usual.
+  assert.deepEqual(seqs(a.poll(40)), [3]);
+  assert.equal(a.nextTimeout(), 80);
+});

@@ -11,6 +11,8 @@ use socketio_p2p_signaling::protocol::{Body, CodecError, Frame, Msg, WirePayload
 /// Largest payload chunk in one frame (data channels take 16 KiB messages everywhere).
 pub(crate) const CHUNK: usize = 16 * 1024;
 const MIN_RTO: Duration = Duration::from_millis(200);
+/// The shortest first retransmission timeout after a transport change.
+const SWITCH_RTO_MIN: Duration = Duration::from_millis(20);
 const MAX_RTO: Duration = Duration::from_secs(2);
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
@@ -235,7 +237,16 @@ impl Link {
         self.rtt_probe = None;
         self.sent_upto = self.acked;
         self.last_progress = now;
-        self.rto = MIN_RTO;
+        self.rto = self.switch_rto();
+    }
+
+    /// The first retransmission timeout on a new transport: twice the round trip seen so
+    /// far plus the receiver's ack delay, within [`SWITCH_RTO_MIN`, `MIN_RTO`]. A new data
+    /// channel now and then loses the first message sent right after it opened.
+    fn switch_rto(&self) -> Duration {
+        self.srtt.map_or(MIN_RTO, |s| {
+            (s * 2 + ACK_DELAY).clamp(SWITCH_RTO_MIN, MIN_RTO)
+        })
     }
 
     /// Timer: go back N when nothing was acknowledged for a retransmission timeout.

@@ -259,3 +259,37 @@ fn window_limits_in_flight_and_transport_change_resends() {
     let seqs: Vec<u64> = out.iter().map(|f| data_of(f).0).collect();
     assert_eq!(seqs, vec![3, 4, 5, 6]);
 }
+
+#[test]
+fn after_a_transport_change_the_first_resend_follows_the_measured_round_trip() {
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut a = Link::new("b", 64, 1 << 20, t0);
+    // Nothing measured yet: the first timeout on the new transport is the usual 200 ms.
+    a.push(ev(0), true).ok();
+    let mut out = Vec::new();
+    a.poll_transmit(&mut out, t0);
+    a.on_transport_change(t0);
+    a.poll_transmit(&mut out, t0);
+    assert_eq!(a.poll_timeout(), Some(t0 + ms(200)));
+    // A 1 ms round trip measured: 2 × 1 ms + the 5 ms ack delay is below the 20 ms floor.
+    a.on_ack(1, false, t0 + ms(1));
+    a.push(ev(1), true).ok();
+    let t1 = t0 + ms(10);
+    a.poll_transmit(&mut out, t1);
+    a.on_ack(2, false, t1 + ms(1));
+    a.push(ev(2), true).ok();
+    let t2 = t0 + ms(20);
+    a.poll_transmit(&mut out, t2);
+    a.on_transport_change(t2);
+    out.clear();
+    a.poll_transmit(&mut out, t2);
+    assert_eq!(out.len(), 1);
+    assert_eq!(a.poll_timeout(), Some(t2 + ms(20)));
+    // The frame is resent then, and the timeout doubles as usual.
+    a.on_tick(t2 + ms(20));
+    out.clear();
+    a.poll_transmit(&mut out, t2 + ms(20));
+    assert_eq!(out.len(), 1);
+    assert_eq!(a.poll_timeout(), Some(t2 + ms(60)));
+}
