@@ -362,6 +362,7 @@ fn welcome_response(st: &State, rid: u64, welcome: &Welcome, id: &str, rooms: &[
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::collections::HashSet;
 
