@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use socketio_p2p_signaling::protocol::{
     BatchWriter, Body, Frame, batch_from_base64, batch_to_base64, split_batch,
@@ -31,6 +32,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 type Res<T> = Result<T, BoxError>;
 
 /// Connections being opened at once (the listen backlog is finite).
@@ -223,28 +225,71 @@ impl Client {
     }
 }
 
-/// Peers in a presence message (one object or an array of them), with +1 for joined, -1 for
-/// left or disconnected.
-fn presence_changes(data: &Value, mut f: impl FnMut(&str, bool)) {
-    let one = |p: &Value, f: &mut dyn FnMut(&str, bool)| {
-        let joined = match p["type"].as_str() {
-            Some("joined") => true,
-            Some("left" | "disconnected") => false,
+/// A presence, as much of it as the clients look at (borrowed from the message).
+#[derive(serde::Deserialize)]
+struct PresenceIds<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(default, borrow)]
+    peer: Option<IdOf<'a>>,
+    #[serde(default, borrow)]
+    peers: Option<Vec<IdOf<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct IdOf<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+}
+
+/// The response to a `hello`: its rid and its `ok` (or none), left unparsed.
+#[derive(serde::Deserialize)]
+struct ResponseOf<'a> {
+    #[serde(default)]
+    rid: u64,
+    #[serde(default, borrow)]
+    ok: Option<&'a RawValue>,
+}
+
+/// The member lists of a `Welcome`.
+#[derive(serde::Deserialize)]
+struct WelcomeIds<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    rooms: Vec<RoomIds<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct RoomIds<'a> {
+    #[serde(default, borrow)]
+    peers: Vec<IdOf<'a>>,
+}
+
+/// Peers in a presence message (one object or an array of them, as text), with true for
+/// joined, false for left or disconnected. Typed and borrowed, so that a storm of 1,000
+/// clients does not spend the generator's CPU on JSON trees.
+fn presence_changes(data: &str, mut f: impl FnMut(&str, bool)) {
+    let mut one = |p: &PresenceIds<'_>| {
+        let joined = match p.kind {
+            "joined" => true,
+            "left" | "disconnected" => false,
             _ => return,
         };
-        if let Some(peers) = p["peers"].as_array() {
+        if let Some(peers) = &p.peers {
             for q in peers {
-                if let Some(id) = q["id"].as_str() {
-                    f(id, joined);
-                }
+                f(&q.id, joined);
             }
-        } else if let Some(id) = p["peer"]["id"].as_str() {
-            f(id, joined);
+        } else if let Some(q) = &p.peer {
+            f(&q.id, joined);
         }
     };
-    match data {
-        Value::Array(list) => list.iter().for_each(|p| one(p, &mut f)),
-        p => one(p, &mut f),
+    if data.trim_start().starts_with('[') {
+        if let Ok(list) = serde_json::from_str::<Vec<PresenceIds<'_>>>(data) {
+            list.iter().for_each(&mut one);
+        }
+    } else if let Ok(p) = serde_json::from_str::<PresenceIds<'_>>(data) {
+        one(&p);
     }
 }
 
@@ -257,7 +302,7 @@ async fn connect(addr: &str, hello: Value, watch: Watch) -> Res<Client> {
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
     tokio::spawn(run_client(ws, hello, watch, rx, ready_tx));
-    let (id, _welcome) = tokio::time::timeout(Duration::from_secs(30), ready_rx)
+    let id = tokio::time::timeout(Duration::from_secs(30), ready_rx)
         .await
         .map_err(|_| "no welcome within 30 s")?
         .map_err(|_| "client task ended before its welcome")??;
@@ -285,10 +330,10 @@ async fn run_client(
     hello: Value,
     watch: Watch,
     mut rx: mpsc::UnboundedReceiver<Cmd>,
-    ready: oneshot::Sender<Res<(String, Value)>>,
+    ready: oneshot::Sender<Res<String>>,
 ) {
     let mut ready = Some(ready);
-    let fail = |ready: &mut Option<oneshot::Sender<Res<(String, Value)>>>, e: String| {
+    let fail = |ready: &mut Option<oneshot::Sender<Res<String>>>, e: String| {
         if let Some(r) = ready.take() {
             let _ = r.send(Err(e.into()));
         }
@@ -349,33 +394,40 @@ async fn run_client(
                     if ready.is_none() && watch.events.is_none() && (watch.view.is_none() || counted) {
                         continue;
                     }
-                    let Ok(Value::Array(mut arr)) = serde_json::from_str::<Value>(body) else {
+                    let Ok(parts) = serde_json::from_str::<Vec<&RawValue>>(body) else {
                         continue;
                     };
-                    let data = if arr.len() > 1 { arr.swap_remove(1) } else { Value::Null };
-                    let event = arr.first().and_then(Value::as_str).unwrap_or_default().to_owned();
-                    if ready.is_some() && event == "p2p:res" && data["rid"] == 1 {
-                        let r = ready.take();
-                        let Some(r) = r else { continue };
-                        if data.get("ok").is_none() {
-                            let _ = r.send(Err(format!("hello failed: {data}").into()));
-                            return;
+                    let event: String = parts
+                        .first()
+                        .and_then(|e| serde_json::from_str(e.get()).ok())
+                        .unwrap_or_default();
+                    let raw = parts.get(1).map_or("null", |d| d.get());
+                    if ready.is_some() && event == "p2p:res" {
+                        let Ok(res) = serde_json::from_str::<ResponseOf<'_>>(raw) else {
+                            continue;
+                        };
+                        if res.rid != 1 {
+                            continue;
                         }
-                        let ok = data["ok"].clone();
-                        for room in ok["rooms"].as_array().into_iter().flatten() {
-                            for p in room["peers"].as_array().into_iter().flatten() {
-                                if let Some(id) = p["id"].as_str() {
-                                    view.insert(id.to_owned());
-                                }
+                        let Some(r) = ready.take() else { continue };
+                        let Some(welcome) = res
+                            .ok
+                            .and_then(|ok| serde_json::from_str::<WelcomeIds<'_>>(ok.get()).ok())
+                        else {
+                            let _ = r.send(Err(format!("hello failed: {raw}").into()));
+                            return;
+                        };
+                        for room in &welcome.rooms {
+                            for p in &room.peers {
+                                view.insert(p.id.to_string());
                             }
                         }
                         check_view(&view, &mut counted);
-                        let id = ok["id"].as_str().unwrap_or_default().to_owned();
-                        let _ = r.send(Ok((id, ok)));
+                        let _ = r.send(Ok(welcome.id.to_string()));
                         continue;
                     }
                     if watch.view.is_some() && event == "p2p:presence" {
-                        presence_changes(&data, |id, joined| {
+                        presence_changes(raw, |id, joined| {
                             if joined {
                                 view.insert(id.to_owned());
                             } else {
@@ -385,6 +437,7 @@ async fn run_client(
                         check_view(&view, &mut counted);
                     }
                     if let Some(events) = &watch.events {
+                        let data = serde_json::from_str(raw).unwrap_or(Value::Null);
                         let _ = events.send(Ev { event, data });
                     }
                 }

@@ -9,7 +9,7 @@ use super::requests::{Claimed, Ctx, Deferred, Flow, Hello, Retry, wait_claim};
 use super::state::{PendingPair, State};
 use super::{P2pSignaling, new_token};
 use crate::protocol::{
-    ErrorCode, PROTOCOL_VERSION, PeerInfo, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
+    ErrorCode, PROTOCOL_VERSION, PeerInfo, Resume, Signal, SignalFrom, Welcome, events,
 };
 
 /// Which id a `hello` registers (see `protocol::Resume`).
@@ -142,10 +142,8 @@ impl P2pSignaling {
             c.socket.set_encoding(h.frames);
             c.socket.set_batch_presence(h.batch_presence);
         }
-        let mut room_peers = Vec::new();
-        for room in h.rooms {
-            let peers = self.join_room(st, id, &info, &room, cx.out);
-            room_peers.push(RoomPeers { room, peers });
+        for room in &h.rooms {
+            self.join_room(st, id, &info, room, cx.out);
         }
         *cx.joined = Some(info);
         // The welcome goes out before any `paired` it triggers: the peer must know its own
@@ -156,7 +154,7 @@ impl P2pSignaling {
         let welcome = Welcome {
             id: id.to_owned(),
             uid: h.uid.clone(),
-            rooms: room_peers,
+            rooms: Vec::new(),
             max_frame: self.inner.opts.max_frame,
             token,
             continued,
@@ -165,15 +163,8 @@ impl P2pSignaling {
                 .into_iter()
                 .collect(),
         };
-        cx.out.push(
-            &cx.me,
-            events::RESPONSE,
-            to_json(&crate::protocol::Response {
-                rid: cx.rid,
-                ok: Some(to_json(&welcome)),
-                error: None,
-            }),
-        );
+        let text = welcome_response(st, cx.rid, &welcome, id, &h.rooms);
+        cx.out.push_raw(&cx.me, events::RESPONSE, text);
         if let Some(away) = held.as_ref().and_then(|s| s.away()) {
             away.hand_over(&cx.me, cx.out);
         }
@@ -216,7 +207,8 @@ impl P2pSignaling {
             return Flow::error(ErrorCode::BadRequest, "too many rooms");
         }
         self.inner.cluster.joined(&cx.id, &room);
-        Flow::ok(to_json(&self.join_room(cx.st, &cx.id, me, &room, cx.out)))
+        self.join_room(cx.st, &cx.id, me, &room, cx.out);
+        Flow::ok(to_json(&cx.st.room_peers(&room, &cx.id)))
     }
 
     /// Leave a room.
@@ -329,5 +321,125 @@ impl P2pSignaling {
             cx.out.push(&sock, events::SIGNAL, msg);
         }
         Flow::ok(Json::Null)
+    }
+}
+
+/// The response to a `hello`, as text: `welcome` with the member lists of `rooms` written
+/// straight from the state (a room of thousands is one pass over it, no JSON tree).
+/// Every other field of `welcome` is serialized as usual.
+fn welcome_response(st: &State, rid: u64, welcome: &Welcome, id: &str, rooms: &[String]) -> String {
+    let mut out = String::with_capacity(256 + 32 * rooms.len());
+    out.push_str("{\"rid\":");
+    out.push_str(&rid.to_string());
+    out.push_str(",\"ok\":{");
+    let mut first = true;
+    if let Json::Object(fields) = to_json(welcome) {
+        for (k, v) in fields {
+            if k == "rooms" {
+                continue;
+            }
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            super::state::write_str(&k, &mut out);
+            out.push(':');
+            out.push_str(&v.to_string());
+        }
+    }
+    if !first {
+        out.push(',');
+    }
+    out.push_str("\"rooms\":[");
+    for (i, room) in rooms.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"room\":");
+        super::state::write_str(room, &mut out);
+        out.push_str(",\"peers\":");
+        st.write_room_peers(room, id, &mut out);
+        out.push('}');
+    }
+    out.push_str("]}}");
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::protocol::RoomPeers;
+    use crate::server::away::AwaySocket;
+    use crate::server::state::{Budget, Conn, TokenBucket};
+
+    fn add(st: &mut State, id: &str, uid: Option<&str>, rooms: &[&str]) {
+        let conn = Conn {
+            socket: AwaySocket::new(4),
+            info: Some(PeerInfo {
+                id: id.to_owned(),
+                uid: uid.map(str::to_owned),
+            }),
+            rooms: rooms.iter().map(|r| (*r).to_owned()).collect(),
+            pairs: HashSet::new(),
+            bucket: TokenBucket::new(1),
+            budget: Budget::new(1, 1),
+            away: None,
+            auth: Json::Null,
+        };
+        st.conns.insert(id.to_owned(), conn);
+        for r in rooms {
+            st.rooms
+                .entry((*r).to_owned())
+                .or_default()
+                .insert(id.to_owned());
+        }
+    }
+
+    /// The `Welcome` written as text is the one serde would write, member lists included
+    /// (sorted, without the peer itself, uids escaped).
+    #[test]
+    fn welcome_text_is_the_serialized_welcome() {
+        let mut st = State::default();
+        add(&mut st, "me", Some("m"), &["a", "b \"q\""]);
+        add(&mut st, "z9", None, &["a"]);
+        add(
+            &mut st,
+            "b1",
+            Some("quote \" and \\ and é\n"),
+            &["a", "b \"q\""],
+        );
+        add(&mut st, "c2", None, &["other"]);
+        let rooms = vec!["a".to_owned(), "b \"q\"".to_owned(), "none".to_owned()];
+        let welcome = Welcome {
+            id: "me".into(),
+            uid: Some("m".into()),
+            rooms: rooms
+                .iter()
+                .map(|r| RoomPeers {
+                    room: r.clone(),
+                    peers: st.room_peers(r, "me"),
+                })
+                .collect(),
+            max_frame: 1234,
+            token: "tok".into(),
+            continued: true,
+        };
+        let want = to_json(&crate::protocol::Response {
+            rid: 7,
+            ok: Some(to_json(&welcome)),
+            error: None,
+        });
+        let text = welcome_response(&st, 7, &welcome, "me", &rooms);
+        let got: Json = serde_json::from_str(&text).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(
+            got["ok"]["rooms"][0]["peers"],
+            serde_json::json!([{"id": "b1", "uid": "quote \" and \\ and é\n"}, {"id": "z9"}])
+        );
+        let back: Welcome = serde_json::from_value(got["ok"].clone()).unwrap();
+        assert_eq!(back.rooms.len(), 3);
     }
 }

@@ -20,6 +20,8 @@ pub(super) enum Outgoing {
     Presence(Arc<str>),
     /// A publication of a topic.
     Publication(Arc<str>, Json),
+    /// An event whose argument is already serialized.
+    Raw(&'static str, Box<serde_json::value::RawValue>),
 }
 
 /// A presence, serialized once for every recipient.
@@ -36,6 +38,13 @@ impl Outbox {
         };
         self.msgs.push((to.clone(), msg));
     }
+    /// Queues `text` (serialized JSON) for `to` on `event`; dropped if it is not JSON.
+    pub(super) fn push_raw(&mut self, to: &Arc<dyn PeerSocket>, event: &'static str, text: String) {
+        match serde_json::value::RawValue::from_string(text) {
+            Ok(raw) => self.msgs.push((to.clone(), Outgoing::Raw(event, raw))),
+            Err(e) => tracing::warn!(%e, event, "not sent: bad JSON"),
+        }
+    }
     pub(super) fn publication(&mut self, to: Arc<dyn PeerSocket>, topic: &Arc<str>, data: Json) {
         self.msgs
             .push((to, Outgoing::Publication(topic.clone(), data)));
@@ -48,6 +57,7 @@ impl Outbox {
             let (event, sent) = match msg {
                 Outgoing::Presence(text) => (events::PRESENCE, socket.emit_presence(text)),
                 Outgoing::Json(event, data) => (event, socket.emit_json(event, &data)),
+                Outgoing::Raw(event, data) => (event, socket.emit_raw(event, &data)),
                 Outgoing::Publication(topic, data) => {
                     (events::TOPIC, socket.emit_publication(&topic, &data))
                 }

@@ -70,6 +70,9 @@ impl P2pSignaling {
             if st.remote.remove(id).is_none() {
                 // Local peers are announced; remote ones only leave the mirror.
                 self.inner.cluster.down(id);
+                // Its token is ours (every Welcome issues one of ours): a resume with it
+                // now gets a new id whether or not the token is still known.
+                st.issued.remove(id);
             }
             for room in &conn.rooms {
                 if let Some(members) = st.rooms.get_mut(room) {
@@ -88,6 +91,7 @@ impl P2pSignaling {
                 waiting.retain(|w| w.requester != *id);
             }
             st.pending_pairs.retain(|_, w| !w.is_empty());
+            st.shrink();
             if let Some(info) = &conn.info {
                 if let Some(uid) = &info.uid {
                     self.inner.cluster.release(Name::Uid, uid, id);
@@ -134,6 +138,7 @@ impl P2pSignaling {
         true
     }
 
+    /// Puts `id` in `room` and tells the room's other peers (if it was not in it yet).
     pub(super) fn join_room(
         &self,
         st: &mut State,
@@ -141,7 +146,7 @@ impl P2pSignaling {
         info: &PeerInfo,
         room: &str,
         out: &mut Outbox,
-    ) -> Vec<PeerInfo> {
+    ) {
         let newly = st
             .conns
             .get_mut(id)
@@ -159,7 +164,6 @@ impl P2pSignaling {
                 out.presence(p, &msg);
             }
         }
-        st.room_peers(room, id)
     }
 
     pub(super) fn make_pair(&self, st: &mut State, a: &str, rid: u64, b: &str, out: &mut Outbox) {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde_json::Value as Json;
+use serde_json::value::RawValue;
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::{SocketRef, TryData};
 use socketioxide::handler::FromMessageParts;
@@ -38,6 +39,10 @@ struct PresenceQueue {
 /// of the biggest message they carried).
 const PRESENCE_BATCH: usize = 64;
 
+/// How long a presence may wait for others to go out with it (anything else sent to the
+/// client sends it first).
+const PRESENCE_DELAY: std::time::Duration = std::time::Duration::from_millis(25);
+
 impl PresenceQueue {
     fn take(&self) -> Vec<Arc<str>> {
         std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
@@ -60,7 +65,7 @@ impl PresenceQueue {
                 t.push(']');
                 t
             };
-            let Ok(raw) = serde_json::value::RawValue::from_string(text) else {
+            let Ok(raw) = RawValue::from_string(text) else {
                 continue;
             };
             if let Err(e) = socket.emit(events::PRESENCE, &raw) {
@@ -112,7 +117,7 @@ impl<A: Adapter> PeerSocket for LocalSocket<A> {
             .as_ref()
             .filter(|q| q.on.load(Ordering::Relaxed))
         else {
-            return match serde_json::value::RawValue::from_string(data.to_string()) {
+            return match RawValue::from_string(data.to_string()) {
                 Ok(raw) => self
                     .socket
                     .emit(events::PRESENCE, &raw)
@@ -126,10 +131,12 @@ impl<A: Adapter> PeerSocket for LocalSocket<A> {
             queue.len() == 1
         };
         if first {
-            // Send the queue once the current burst of requests had a chance to add to it.
+            // Send the queue once the current burst of requests had a chance to add to it
+            // (a burst of joins to one room: each member gets a few batches, not one
+            // event per joiner).
             let (q, socket) = (q.clone(), self.socket.clone());
             tokio::spawn(async move {
-                tokio::task::yield_now().await;
+                tokio::time::sleep(PRESENCE_DELAY).await;
                 let _ = q.flush(&socket);
             });
         }
@@ -153,6 +160,10 @@ impl<A: Adapter> PeerSocket for LocalSocket<A> {
         }
     }
     fn emit_json(&self, event: &'static str, data: &Json) -> Result<(), EmitFail> {
+        self.flush_presence();
+        self.socket.emit(event, data).map_err(map_send_error)
+    }
+    fn emit_raw(&self, event: &'static str, data: &RawValue) -> Result<(), EmitFail> {
         self.flush_presence();
         self.socket.emit(event, data).map_err(map_send_error)
     }

@@ -1,5 +1,5 @@
 //! Server-side state: registered peers, rooms, pairs, and the uid registry.
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +24,18 @@ pub(crate) trait PeerSocket: Send + Sync {
     /// encoding the client asked for.
     fn emit_frames(&self, batch: Bytes, frames: usize) -> Result<(), EmitFail>;
     fn emit_json(&self, event: &'static str, data: &serde_json::Value) -> Result<(), EmitFail>;
+    /// Sends an event whose one argument is already serialized (a big `Welcome`: written
+    /// once as text rather than built as a JSON tree).
+    fn emit_raw(
+        &self,
+        event: &'static str,
+        data: &serde_json::value::RawValue,
+    ) -> Result<(), EmitFail> {
+        match serde_json::from_str(data.get()) {
+            Ok(v) => self.emit_json(event, &v),
+            Err(_) => Ok(()),
+        }
+    }
     /// The client's `hello` said how it wants batches (local sockets only).
     fn set_encoding(&self, _encoding: crate::protocol::FrameEncoding) {}
     /// Sends one presence on `p2p:presence`. A local socket whose client asked for presence
@@ -154,7 +166,8 @@ pub(crate) struct PendingPair {
 #[derive(Default)]
 pub(crate) struct State {
     pub(crate) conns: HashMap<String, Conn>,
-    pub(crate) rooms: HashMap<String, HashSet<String>>,
+    /// Room -> its members, sorted by id (a member list is written in order, never sorted).
+    pub(crate) rooms: HashMap<String, BTreeSet<String>>,
     /// uid awaited -> requests waiting for it.
     pub(crate) pending_pairs: HashMap<String, Vec<PendingPair>>,
     pub(crate) next_token: u64,
@@ -202,18 +215,36 @@ impl State {
         small.iter().any(|r| big.contains(r))
     }
 
-    /// Other registered peers of `room`, without `except`.
+    /// Other registered peers of `room`, without `except`, sorted by id.
     pub(crate) fn room_peers(&self, room: &str, except: &str) -> Vec<PeerInfo> {
-        let mut peers: Vec<PeerInfo> = self
-            .rooms
+        self.rooms
             .get(room)
             .into_iter()
             .flatten()
             .filter(|id| id.as_str() != except)
             .filter_map(|id| self.conns.get(id).and_then(|c| c.info.clone()))
-            .collect();
-        peers.sort_by(|a, b| a.id.cmp(&b.id));
-        peers
+            .collect()
+    }
+
+    /// The same list as [`State::room_peers`], written as a JSON array onto `out` (no
+    /// copies of the members, no JSON tree: a room of thousands costs one pass).
+    pub(crate) fn write_room_peers(&self, room: &str, except: &str, out: &mut String) {
+        out.push('[');
+        let mut first = true;
+        for id in self.rooms.get(room).into_iter().flatten() {
+            if id.as_str() == except {
+                continue;
+            }
+            let Some(info) = self.conns.get(id).and_then(|c| c.info.as_ref()) else {
+                continue;
+            };
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            write_peer(info, out);
+        }
+        out.push(']');
     }
 
     /// Sockets of the other registered peers of `room`, without `except`.
@@ -243,7 +274,50 @@ impl State {
         out
     }
 
+    /// Gives memory back once the maps are mostly empty (after a crowd left): a map keeps
+    /// its biggest size otherwise. Amortized: a map shrinks only to twice its length, once
+    /// it is below a quarter of its capacity.
+    pub(crate) fn shrink(&mut self) {
+        fn shrink<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V>) {
+            if m.capacity() > 64 && m.len() * 4 < m.capacity() {
+                m.shrink_to(m.len() * 2);
+            }
+        }
+        shrink(&mut self.conns);
+        shrink(&mut self.rooms);
+        shrink(&mut self.peer_of);
+        shrink(&mut self.issued);
+        shrink(&mut self.remote);
+        shrink(&mut self.waiting);
+        shrink(&mut self.pending_pairs);
+    }
+
     pub(crate) fn socket(&self, id: &str) -> Option<Arc<dyn PeerSocket>> {
         self.conns.get(id).map(|c| c.socket.clone())
+    }
+}
+
+/// Writes `info` as JSON (as `PeerInfo` serializes: `uid` omitted when none).
+pub(crate) fn write_peer(info: &PeerInfo, out: &mut String) {
+    out.push_str("{\"id\":");
+    write_str(&info.id, out);
+    if let Some(uid) = &info.uid {
+        out.push_str(",\"uid\":");
+        write_str(uid, out);
+    }
+    out.push('}');
+}
+
+/// Writes `s` as a JSON string.
+pub(crate) fn write_str(s: &str, out: &mut String) {
+    // Ids are plain; anything that needs escaping goes through serde_json.
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+    {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
     }
 }
