@@ -426,6 +426,11 @@ mod tests {
             max_frame: 1234,
             token: "tok".into(),
             continued: true,
+            ice_servers: vec![crate::protocol::IceServerInfo {
+                urls: vec!["turn:127.0.0.1:3478".into()],
+                username: Some("1700000000:me".into()),
+                credential: Some("c\"d".into()),
+            }],
         };
         let want = to_json(&crate::protocol::Response {
             rid: 7,
