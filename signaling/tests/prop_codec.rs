@@ -216,4 +216,8 @@ fn regressions() {
         check_batch(&Bytes::copy_from_slice(f));
     }
     check_control(r#"{"rid":1,"op":"hello","version":2}"#);
+    // Found by the `control` fuzz target: a number too large for u64 and a duplicate key.
+    check_control(
+        r#"{"rid": 14, "op": "publish", "topic": "news", "data": {"n": 18446744073709554674407370955161509554674, "f": -1.5e-301615, "f": -1.5e-300}}"#,
+    );
 }
