@@ -396,7 +396,10 @@ impl UdpLoss {
         }
         let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
         if !out.status.success() {
-            return Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "nft: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         Ok(UdpLoss)
     }

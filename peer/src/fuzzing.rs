@@ -171,10 +171,15 @@ pub fn link(data: &[u8]) {
             // Send a message: small mostly, now and then several frames long.
             0 | 1 => {
                 let k = usize::from(s.byte().unwrap_or(0));
-                let len = if k >= 250 {
+                // At most 4 messages of several frames and 512 in all: scripts stay cheap.
+                let big = r.lens.iter().filter(|&&l| l > CHUNK).count();
+                if r.lens.len() >= 512 {
+                    continue;
+                }
+                let len = if k >= 250 && big < 4 {
                     CHUNK * (k - 248) + k
                 } else {
-                    8 + k
+                    8 + k % 250
                 };
                 let n = r.lens.len() as u64;
                 r.lens.push(len);
