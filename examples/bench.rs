@@ -39,6 +39,9 @@ use webrtc::ice::network_type::NetworkType;
 use webrtc::peer_connection::RTCPeerConnection;
 use webrtc::peer_connection::configuration::RTCConfiguration;
 
+#[path = "bench_flood.rs"]
+mod bench_flood;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
 
@@ -89,6 +92,8 @@ const TARGETS: &[(&str, &str, Goal)] = &[
     ("presence_storm", "complete_s", Goal::AtMost(2.0)),
     ("presence_storm", "peak_rss_ratio", Goal::AtMost(2.0)),
     ("cluster", "cluster_hellos_per_s", Goal::AtLeast(1000.0)),
+    ("flood_isolation", "rate_ratio", Goal::AtLeast(0.8)),
+    ("flood_isolation", "ack_p50_ratio", Goal::AtMost(1.2)),
 ];
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -896,6 +901,7 @@ async fn main() -> Res<()> {
         "signaling_rate",
         "presence_storm",
         "cluster",
+        "flood_isolation",
     ] {
         if only.as_ref().is_some_and(|o| !o.contains(&name)) {
             continue;
@@ -907,6 +913,7 @@ async fn main() -> Res<()> {
             "upgrade" => upgrade(&url, set).await,
             "dc_throughput" => dc_throughput(&url, set).await,
             "server_memory" => server_memory(set).await,
+            "flood_isolation" => bench_flood::flood_isolation(&url, set).await,
             _ => loadgen(name).await,
         };
         eprintln!("{name}: done in {:.1} s", t.elapsed().as_secs_f64());

@@ -5,6 +5,11 @@
 //!
 //! `cargo run --release -p socketio-p2p-examples --example soak -- --minutes 2`
 //!
+//! `--impaired`: every Socket.IO connection goes through a forwarder that holds data 20 ms in
+//! each direction, and 2% of UDP packets (the data channels) are dropped by an nft table
+//! (only inside a network namespace of its own: run it in `unshare -n`; elsewhere the loss
+//! is left out, and the JSON says so).
+//!
 //! Loopback only (127.0.0.1), no STUN, no mDNS.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -300,16 +305,140 @@ fn minutes_arg() -> f64 {
         .unwrap_or(2.0)
 }
 
+/// A forwarder to `target` that holds every chunk `delay` long, in each direction (there
+/// is no netem on every kernel). Returns its URL.
+async fn delaying_forwarder(
+    target: std::net::SocketAddr,
+    delay: Duration,
+) -> std::io::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(delayed_pipe(cr, sw, delay));
+            tokio::spawn(delayed_pipe(sr, cw, delay));
+        }
+    });
+    Ok(url)
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read (order kept).
+async fn delayed_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until((at + delay).into()).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+const LOSS_TABLE: &str = "p2p_soak_loss";
+
+/// An nft table dropping `percent`% of UDP packets in this network namespace; removed on drop.
+struct UdpLoss;
+
+impl UdpLoss {
+    fn install(percent: u32) -> Result<UdpLoss, String> {
+        let private = std::fs::read_to_string("/proc/net/dev")
+            .map(|t| {
+                t.lines()
+                    .skip(2)
+                    .filter_map(|l| l.split(':').next())
+                    .all(|n| n.trim() == "lo")
+            })
+            .unwrap_or(false);
+        if !private {
+            return Err("not in a loopback-only network namespace".into());
+        }
+        let script = format!(
+            "table inet {LOSS_TABLE} {{\n chain input {{\n  type filter hook input priority 0; \
+             policy accept;\n  meta l4proto udp numgen random mod 100 < {percent} drop\n }}\n}}\n"
+        );
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("nft: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write as _;
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(|e| format!("nft: {e}"))?;
+        }
+        let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "nft: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(UdpLoss)
+    }
+}
+
+impl Drop for UdpLoss {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", LOSS_TABLE])
+            .status();
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let minutes = minutes_arg();
+    let impaired = std::env::args().any(|a| a == "--impaired");
     let server = CrashableServer::start(0);
     let port = server.addr.port();
     let server = Arc::new(Mutex::new(server));
     let cutter = Arc::new(Cutter::start(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await);
+    let (url, loss) = if impaired {
+        let cut_addr: std::net::SocketAddr = cutter
+            .url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()?;
+        let url = delaying_forwarder(cut_addr, Duration::from_millis(20)).await?;
+        let loss = UdpLoss::install(2);
+        if let Err(why) = &loss {
+            eprintln!("soak: no UDP loss ({why})");
+        }
+        (url, loss.ok())
+    } else {
+        (cutter.url(), None)
+    };
     let mut peers = Vec::new();
     for _ in 0..PEERS {
-        peers.push(P2p::connect(&cutter.url(), opts()).await?);
+        peers.push(P2p::connect(&url, opts()).await?);
     }
     let index: Arc<HashMap<String, usize>> = Arc::new(
         peers
@@ -402,6 +531,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let report = json!({"soak": {
         "minutes": minutes,
+        "impaired": if impaired {
+            json!({"tcp_delay_ms_each_way": 20, "udp_loss_percent": if loss.is_some() { 2 } else { 0 }})
+        } else {
+            json!(false)
+        },
         "peers": PEERS,
         "events": load(&c.sent),
         "lost": lost,
@@ -424,6 +558,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "upgrades": load(&c.upgrades),
         },
     }});
+    drop(loss);
     println!("{report}");
     let ok = lost == 0 && duplicated == 0 && reordered == 0 && bad_binary == 0;
     for p in peers.iter() {

@@ -23,6 +23,9 @@ mod credit;
 mod dispatch;
 mod driver;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handles;
 mod options;
 mod payload;

@@ -20,26 +20,61 @@ impl RedisServer {
             server.wait_ready();
             return server;
         }
+        Self::start_own()
+    }
+
+    /// A redis-server of this test's own (never the shared one): for tests that kill it.
+    pub fn start_own() -> RedisServer {
+        init_tracing();
         // A free port: bind :0, read it, let it go (`--port 0` would turn TCP off in redis).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (Debian package redis-server) must be installed");
+        let port = free_port();
         let server = RedisServer {
             url: format!("redis://127.0.0.1:{port}/"),
-            child: Some(child),
+            child: Some(redis_on(port)),
         };
         server.wait_ready();
         server
+    }
+
+    /// Kills the server (like a crash: no shutdown, nothing saved).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a fresh server (no keys) on the same port after [`RedisServer::kill`].
+    pub fn restart(&mut self) {
+        self.kill();
+        let port: u16 = self
+            .url
+            .trim_end_matches('/')
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in the url");
+        // The old socket may linger a moment: start again until one server binds and answers.
+        let client = redis::Client::open(self.url.as_str()).expect("redis url");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut child = redis_on(port);
+        loop {
+            let pong = client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if pong.is_ok() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server never came back on port {port}: {pong:?}"
+            );
+            if !matches!(child.try_wait(), Ok(None)) {
+                child = redis_on(port);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child = Some(child);
     }
 
     /// Waits (at most 10 s) until the server answers PING.
@@ -72,6 +107,26 @@ impl RedisServer {
             .heartbeat(Duration::from_millis(200))
             .node_timeout(Duration::from_secs(2))
     }
+}
+
+/// A free 127.0.0.1 TCP port (bound, read, let go).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn redis_on(port: u16) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", ""])
+        .args(["--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (Debian package redis-server) must be installed")
 }
 
 impl Drop for RedisServer {

@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-use super::cluster::{Claim, Name};
+use super::cluster::{Claim, ClaimFail, Name};
 use super::outbox::{error_response, to_json};
 use super::requests::{Claimed, Ctx, Deferred, Flow, Hello, Retry, wait_claim};
 use super::state::{PendingPair, State};
@@ -78,11 +78,20 @@ impl P2pSignaling {
                     }
                 }
             };
-            if result.is_err() {
-                return Flow::error(
-                    ErrorCode::UidTaken,
-                    format!("uid {uid:?} is held by another peer"),
-                );
+            match result {
+                Ok(()) => {}
+                Err(ClaimFail::Taken) => {
+                    return Flow::error(
+                        ErrorCode::UidTaken,
+                        format!("uid {uid:?} is held by another peer"),
+                    );
+                }
+                Err(ClaimFail::Unreachable) => {
+                    return Flow::error(
+                        ErrorCode::UidTaken,
+                        format!("cannot check that uid {uid:?} is free (redis unreachable)"),
+                    );
+                }
             }
         }
         self.hello_commit(cx, h, plan, target)

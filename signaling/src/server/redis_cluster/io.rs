@@ -1,7 +1,7 @@
 //! The node's Redis connections: one publishing queue drained in pipelines, one
 //! subscriber reading both channels, and the heartbeat.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::link::{Ctl, K_CTL, K_EVENT, K_FRAME, Link, decode};
-use super::names::{CLAIM, REFRESH};
+use super::names::CLAIM;
 use super::queue::Out;
 use crate::Error;
 use crate::server::cluster::ClaimFail;
@@ -45,18 +45,38 @@ pub(super) async fn subscribe(
     Ok(pubsub)
 }
 
+/// What the publishing task shares with the node.
+pub(super) struct Publisher {
+    pub(super) cons: [redis::aio::ConnectionManager; 2],
+    pub(super) rx: mpsc::UnboundedReceiver<Out>,
+    pub(super) queued_frames: Arc<AtomicUsize>,
+    pub(super) ttl_ms: u64,
+    /// False from a failed pipeline to the next one that succeeds.
+    pub(super) up: Arc<AtomicBool>,
+    /// Published (channel, message) once Redis answers again after a failure: "I may have
+    /// lost messages, ask me for my peers".
+    pub(super) resync: (String, Vec<u8>),
+}
+
 /// Drains the queue in order, in pipelines of up to 256 commands. Claims are the only
 /// commands whose answers matter: they go back to whoever waits for them. A pipeline with
 /// claims goes on the second connection (which waits up to `io_timeout` for Redis), the
 /// others on the first; one pipeline at a time, so Redis sees everything in queue order.
-pub(super) async fn publisher(
-    mut cons: [redis::aio::ConnectionManager; 2],
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    queued_frames: Arc<AtomicUsize>,
-    ttl_ms: u64,
-) {
+///
+/// A pipeline that fails is lost (frames in it too: the peers' links send them again); while
+/// Redis is unreachable the next pipeline waits for the connection to come back.
+pub(super) async fn publisher(p: Publisher) {
+    let Publisher {
+        mut cons,
+        mut rx,
+        queued_frames,
+        ttl_ms,
+        up,
+        resync,
+    } = p;
     let mut batch = Vec::with_capacity(256);
     let mut claims = Vec::new();
+    let mut down_since: Option<Instant> = None;
     while rx.recv_many(&mut batch, 256).await > 0 {
         let mut pipe = redis::pipe();
         let mut frames = 0;
@@ -82,7 +102,32 @@ pub(super) async fn publisher(
             }
         }
         let con = &mut cons[usize::from(!claims.is_empty())];
-        match pipe.query_async::<Vec<redis::Value>>(con).await {
+        let mut result = pipe.query_async::<Vec<redis::Value>>(con).await;
+        if let Err(e) = &result
+            && (e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal())
+        {
+            // The connection broke (perhaps long ago, while it was idle): once more, which
+            // waits for the manager to connect again. Every command here may run twice
+            // harmlessly: frames are deduplicated by the links, claims and refreshes are
+            // compare-and-set.
+            if up.swap(false, Ordering::AcqRel) {
+                tracing::debug!(%e, "redis connection broke: waiting for it");
+                down_since = Some(Instant::now());
+            }
+            result = pipe.query_async::<Vec<redis::Value>>(con).await;
+        }
+        if result.is_ok() && !up.swap(true, Ordering::AcqRel) {
+            let down = down_since.take().map(|t| t.elapsed()).unwrap_or_default();
+            if down >= Duration::from_secs(1) {
+                tracing::info!(?down, "redis reachable again");
+            } else {
+                tracing::debug!(?down, "redis reachable again");
+            }
+            let mut pipe = redis::pipe();
+            pipe.cmd("PUBLISH").arg(&resync.0).arg(&resync.1).ignore();
+            let _ = pipe.query_async::<()>(&mut cons[0]).await;
+        }
+        match result {
             Ok(answers) => {
                 let mut answers = answers.into_iter();
                 for reply in claims.drain(..) {
@@ -97,7 +142,16 @@ pub(super) async fn publisher(
                 }
             }
             Err(e) => {
-                tracing::warn!(%e, "cluster publish failed; messages lost");
+                if up.swap(false, Ordering::AcqRel) {
+                    down_since = Some(Instant::now());
+                    tracing::warn!(
+                        %e,
+                        "redis unreachable: messages to other nodes are lost until it is back \
+                         (frames are sent again by the peers' links)"
+                    );
+                } else {
+                    tracing::debug!(%e, "cluster publish failed");
+                }
                 for reply in claims.drain(..) {
                     let _ = reply.send(Err(ClaimFail::Unreachable));
                 }
@@ -137,20 +191,33 @@ pub(super) struct Inbound {
 impl Inbound {
     pub(super) async fn run(mut self, first: redis::aio::PubSub) {
         let mut pubsub = Some(first);
+        let mut failures = 0u32;
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let Some(ps) = pubsub.take() else {
                 // Lost the subscription: resubscribe, then ask everyone for a full picture.
                 tokio::select! {
-                    _ = tick.tick() => if !self.on_tick() { return },
+                    _ = tick.tick() => if !self.on_tick(false) { return },
                     r = subscribe(&self.client, &self.channels) => match r {
                         Ok(ps) => {
+                            tracing::info!(failures, "cluster subscription back");
+                            failures = 0;
                             pubsub = Some(ps);
+                            // Whatever the others said meanwhile is lost: ask for all of it,
+                            // and take our names back at once (a restarted Redis has none).
                             self.link.publish(&Ctl::SyncRequest);
+                            if !self.on_tick(false) {
+                                return;
+                            }
                         }
                         Err(e) => {
-                            tracing::warn!(%e, "cluster resubscribe failed");
+                            if failures == 0 {
+                                tracing::warn!(%e, "cluster resubscribe failed; trying again");
+                            } else {
+                                tracing::debug!(%e, failures, "cluster resubscribe failed");
+                            }
+                            failures += 1;
                             tokio::time::sleep(self.heartbeat).await;
                         }
                     },
@@ -160,7 +227,7 @@ impl Inbound {
             let mut stream = ps.into_on_message();
             loop {
                 tokio::select! {
-                    _ = tick.tick() => if !self.on_tick() { return },
+                    _ = tick.tick() => if !self.on_tick(true) { return },
                     msg = stream.next() => match msg {
                         Some(msg) => if !self.on_message(msg.get_payload_bytes()) { return },
                         None => {
@@ -173,25 +240,26 @@ impl Inbound {
         }
     }
 
-    /// Heartbeat, uid refresh, dead nodes. False once the server is gone.
-    fn on_tick(&mut self) -> bool {
+    /// Heartbeat, name refresh, dead nodes. False once the server is gone.
+    ///
+    /// A node that does not hear Redis (`subscribed` false, or its last pipeline failed)
+    /// cannot tell a dead node from a dead Redis: it declares nobody dead, and the others
+    /// get a full `node_timeout` from the moment it hears Redis again.
+    fn on_tick(&mut self, subscribed: bool) -> bool {
         let Some(inner) = self.sig.upgrade() else {
             return false;
         };
         let sig = P2pSignaling { inner };
         self.link.publish(&Ctl::Heartbeat);
-        let refresh: Vec<_> = self
-            .link
-            .uids
-            .local_keys()
-            .into_iter()
-            .chain(self.link.svcs.local_keys())
-            .map(|(k, p)| (REFRESH, k, p))
-            .collect();
-        if !refresh.is_empty() {
-            let _ = self.link.tx.send(Out::Eval(refresh));
-        }
+        self.link.uids.refresh(&self.link.tx);
+        self.link.svcs.refresh(&self.link.tx);
         let now = Instant::now();
+        if !subscribed || !self.link.up.load(Ordering::Acquire) {
+            for seen in self.last_seen.values_mut() {
+                *seen = now;
+            }
+            return true;
+        }
         let dead: Vec<String> = self
             .last_seen
             .iter()

@@ -1,7 +1,7 @@
 //! What nodes say to each other: the cluster messages, their envelope, the publishing
 //! queue, and the [`Cluster`] hooks of a Redis node.
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +38,8 @@ pub(super) enum Ctl {
     Heartbeat,
     /// "Send me all your peers" (to one node's channel, or to all).
     SyncRequest,
+    /// "I lost messages (Redis failed me): ask me for my peers" (to all).
+    Resync,
     /// All peers of the sending node.
     Sync {
         peers: Vec<SyncPeer>,
@@ -129,6 +131,9 @@ pub(super) struct Link {
     pub(super) tx: mpsc::UnboundedSender<Out>,
     pub(super) queued_frames: Arc<AtomicUsize>,
     pub(super) max_queue: usize,
+    /// False while Redis fails the publisher: frames for other nodes are dropped at once
+    /// (the peers' links send them again, at their own pace, once it is back).
+    pub(super) up: Arc<AtomicBool>,
     /// Longest wait for a claim.
     pub(super) io_timeout: Duration,
     pub(super) uids: Arc<Names>,
@@ -190,6 +195,10 @@ pub(super) struct RemoteSocket {
 impl PeerSocket for RemoteSocket {
     fn emit_frames(&self, batch: Bytes, frames: usize) -> Result<(), EmitFail> {
         let c = &self.cluster;
+        if !c.up.load(Ordering::Acquire) {
+            tracing::trace!(frames, "redis unreachable: frames to another node dropped");
+            return Ok(());
+        }
         if c.queued_frames.fetch_add(frames, Ordering::AcqRel) >= c.max_queue {
             c.queued_frames.fetch_sub(frames, Ordering::AcqRel);
             return Err(EmitFail::Full);

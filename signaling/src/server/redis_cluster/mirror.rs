@@ -139,6 +139,7 @@ impl P2pSignaling {
         match ctl {
             Ctl::Heartbeat => {}
             Ctl::SyncRequest => self.sync_reply(link, node),
+            Ctl::Resync => link.send_ctl(link.node_channel(node), &Ctl::SyncRequest),
             Ctl::Sync { peers } => self.apply_sync(link, node, peers),
             Ctl::Up { peer, rooms, token } => self.apply_up(link, node, peer, rooms, token),
             Ctl::Join { id, room } => {

@@ -29,14 +29,14 @@ mod queue;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use super::{P2pSignaling, SignalingOptions, new_token};
 use crate::Error;
-use io::{Inbound, in_time, publisher, subscribe};
+use io::{Inbound, Publisher, in_time, publisher, subscribe};
 use link::{Ctl, Link};
 use names::Names;
 
@@ -114,19 +114,38 @@ impl P2pSignaling {
         let ttl_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let node = new_token("node")[..16].to_owned();
         let wait = cluster.io_timeout.max(Duration::from_secs(1)) * 5;
+        // One plain connection first: a Redis that is not there fails the start at once, with
+        // the client's reason (the managers below would retry for seconds).
+        in_time(
+            wait,
+            "connecting to Redis",
+            cluster.client.get_multiplexed_async_connection(),
+        )
+        .await?;
+        // After a failure the managers reconnect with short pauses (at most 250 ms, or the
+        // heartbeat), and never give up: the publisher waits for Redis, and traffic resumes
+        // soon after it is back.
+        let retry = |c: redis::aio::ConnectionManagerConfig| {
+            c.set_min_delay(Duration::from_millis(20))
+                .set_max_delay(cluster.heartbeat.min(Duration::from_millis(250)))
+                .set_number_of_retries(usize::MAX / 2)
+        };
         let manager = in_time(
             wait,
-            "connecting",
-            redis::aio::ConnectionManager::new(cluster.client.clone()),
+            "connecting to Redis",
+            redis::aio::ConnectionManager::new_with_config(
+                cluster.client.clone(),
+                retry(redis::aio::ConnectionManagerConfig::new()),
+            ),
         )
         .await?;
         // Pipelines with claims wait up to `io_timeout` for Redis (the others, the client's
         // default): a claim answered late counts as refused.
-        let claims_config = redis::aio::ConnectionManagerConfig::new()
+        let claims_config = retry(redis::aio::ConnectionManagerConfig::new())
             .set_response_timeout(Some(cluster.io_timeout));
         let claims_manager = in_time(
             wait,
-            "connecting",
+            "connecting to Redis",
             redis::aio::ConnectionManager::new_with_config(cluster.client.clone(), claims_config),
         )
         .await?;
@@ -137,20 +156,31 @@ impl P2pSignaling {
             tx,
             queued_frames: Arc::new(AtomicUsize::new(0)),
             max_queue: cluster.max_queue,
+            up: Arc::new(AtomicBool::new(true)),
             io_timeout: cluster.io_timeout,
             uids: Arc::new(Names::new(&cluster.prefix, "uid")),
             svcs: Arc::new(Names::new(&cluster.prefix, "svc")),
         });
         let channels = [link.all_channel(), link.node_channel(&node)];
-        let pubsub = in_time(wait, "subscribing", subscribe(&cluster.client, &channels)).await?;
+        let pubsub = in_time(
+            wait,
+            "subscribing to the cluster channels on Redis",
+            subscribe(&cluster.client, &channels),
+        )
+        .await?;
         let sig = P2pSignaling::with_cluster(opts, link.clone());
-        let connections = [manager, claims_manager];
-        tokio::spawn(publisher(
-            connections,
+        let resync = serde_json::to_vec(&Ctl::Resync).unwrap_or_default();
+        tokio::spawn(publisher(Publisher {
+            cons: [manager, claims_manager],
             rx,
-            link.queued_frames.clone(),
+            queued_frames: link.queued_frames.clone(),
             ttl_ms,
-        ));
+            up: link.up.clone(),
+            resync: (
+                link.all_channel(),
+                link::encode(link::K_CTL, &node, "", &resync),
+            ),
+        }));
         link.publish(&Ctl::Heartbeat);
         link.publish(&Ctl::SyncRequest);
         let inbound = Inbound {

@@ -21,8 +21,9 @@ pub(super) const CLAIM: &str = "local v = redis.call('GET', KEYS[1]) \
 /// Deletes a uid if `ARGV[1]` still holds it.
 pub(super) const RELEASE: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
-/// Extends a uid if `ARGV[1]` still holds it.
-pub(super) const REFRESH: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0";
+/// Extends a name if `ARGV[1]` still holds it, and takes it back if it is gone (a Redis
+/// that restarted has lost every key): the same script as a claim.
+pub(super) const REFRESH: &str = CLAIM;
 
 /// Names of one kind: Redis decides who holds them; the mirror answers `holder`.
 pub(super) struct Names {
@@ -66,12 +67,19 @@ impl Names {
         guard(&self.local).remove(name);
     }
 
-    /// Keys and holders of this node's names (for the heartbeat's refresh).
-    pub(super) fn local_keys(&self) -> Vec<(String, String)> {
-        guard(&self.local)
+    /// Refreshes (or claims again) every name of this node's peers. The lock is held while
+    /// the refresh is queued, so that it cannot overtake a release of one of them (which
+    /// would claim the released name back).
+    pub(super) fn refresh(&self, tx: &mpsc::UnboundedSender<Out>) {
+        let local = guard(&self.local);
+        if local.is_empty() {
+            return;
+        }
+        let list = local
             .iter()
-            .map(|(u, p)| (self.key(u), p.clone()))
-            .collect()
+            .map(|(u, p)| (REFRESH, self.key(u), p.clone()))
+            .collect();
+        let _ = tx.send(Out::Eval(list));
     }
 
     /// Claims `name` for our peer `peer`, through the publishing queue, waiting at most
@@ -130,15 +138,10 @@ impl Names {
                 known.remove(name);
             }
         }
-        let mine = {
-            let mut local = guard(&self.local);
-            let mine = local.get(name).is_some_and(|p| p == peer);
-            if mine {
-                local.remove(name);
-            }
-            mine
-        };
+        let mut local = guard(&self.local);
+        let mine = local.get(name).is_some_and(|p| p == peer);
         if mine {
+            local.remove(name);
             let _ = tx.send(Out::Eval(vec![(RELEASE, self.key(name), peer.to_owned())]));
         }
         mine
