@@ -107,7 +107,7 @@ const upgradeOnce = (page, key, to) =>
       p.deliver = (a, d, v, via) => (log.push([`deliver ${d.type} via ${via}`, performance.now() - t0]), dl(a, d, v, via));
       const cf = p.onChannelFrame.bind(p);
       p.onChannelFrame = (a, b) => (log.push([`dc-in ${b.length}`, performance.now() - t0]), cf(a, b));
-      log.push(["echo", performance.now() - t0]);
+      log.push([`echo rto=${st.link.rto} srtt=${st.link.srtt} rtoAt=${st.link.rtoAt === null ? null : Math.round(st.link.rtoAt - performance.now())}`, performance.now() - t0]);
     }
     await p.to(o.to).emitWithAck("echo", 1);
     const ms = performance.now() - t0;

@@ -16,6 +16,8 @@ export const RTO_MAX = 2000;
 export const ACK_DELAY = 5;
 /** The shortest first retransmission timeout after a transport change (ms). */
 export const SWITCH_RTO_MIN = 20;
+/** The first retransmission timeout after a transport change when no round trip was measured (ms). */
+export const SWITCH_RTO_UNMEASURED = 40;
 
 export interface LinkOptions {
   /** Frames in flight beyond the last acknowledgement (default 256). */
@@ -254,7 +256,7 @@ export class Link {
   resend(): void {
     this.sentUpto = this.acked;
     this.rttProbe = null;
-    this.rto = this.srtt === null ? RTO_MIN : Math.min(RTO_MIN, Math.max(SWITCH_RTO_MIN, 2 * this.srtt + ACK_DELAY));
+    this.rto = this.srtt === null ? SWITCH_RTO_UNMEASURED : Math.min(RTO_MIN, Math.max(SWITCH_RTO_MIN, 2 * this.srtt + ACK_DELAY));
     this.rtoAt = null;
     this.ackNow = this.consumed > 0;
   }

@@ -13,6 +13,8 @@ pub(crate) const CHUNK: usize = 16 * 1024;
 const MIN_RTO: Duration = Duration::from_millis(200);
 /// The shortest first retransmission timeout after a transport change.
 const SWITCH_RTO_MIN: Duration = Duration::from_millis(20);
+/// The first retransmission timeout after a transport change when no round trip was measured.
+const SWITCH_RTO_UNMEASURED: Duration = Duration::from_millis(40);
 const MAX_RTO: Duration = Duration::from_secs(2);
 const ACK_DELAY: Duration = Duration::from_millis(5);
 
@@ -244,7 +246,7 @@ impl Link {
     /// far plus the receiver's ack delay, within [`SWITCH_RTO_MIN`, `MIN_RTO`]. A new data
     /// channel now and then loses the first message sent right after it opened.
     fn switch_rto(&self) -> Duration {
-        self.srtt.map_or(MIN_RTO, |s| {
+        self.srtt.map_or(SWITCH_RTO_UNMEASURED, |s| {
             (s * 2 + ACK_DELAY).clamp(SWITCH_RTO_MIN, MIN_RTO)
         })
     }

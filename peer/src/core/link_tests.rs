@@ -265,13 +265,13 @@ fn after_a_transport_change_the_first_resend_follows_the_measured_round_trip() {
     let t0 = Instant::now();
     let ms = Duration::from_millis;
     let mut a = Link::new("b", 64, 1 << 20, t0);
-    // Nothing measured yet: the first timeout on the new transport is the usual 200 ms.
+    // Nothing measured yet: the first timeout on the new transport is 40 ms.
     a.push(ev(0), true).ok();
     let mut out = Vec::new();
     a.poll_transmit(&mut out, t0);
     a.on_transport_change(t0);
     a.poll_transmit(&mut out, t0);
-    assert_eq!(a.poll_timeout(), Some(t0 + ms(200)));
+    assert_eq!(a.poll_timeout(), Some(t0 + ms(40)));
     // A 1 ms round trip measured: 2 × 1 ms + the 5 ms ack delay is below the 20 ms floor.
     a.on_ack(1, false, t0 + ms(1));
     a.push(ev(1), true).ok();
