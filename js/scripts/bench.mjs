@@ -291,7 +291,11 @@ async function pagePair(it, names, scenario) {
       traces.push(r.trace);
       await other.waitForFunction((o) => peers[o.okey].byes > o.byes && peers[o.okey].transport(o.from) === "relay" && !peers[o.okey]["peersById"].get(o.from)?.neg?.active, { timeout: 10_000, polling: 5 }, { okey, from, byes });
     }
-    // The baseline in the same run: the browsers' own stack, the same pages and relay.
+    if (!names.every((n) => n === "chromium")) {
+      report(scenario, { ...stats(times), steps_ms: phases(traces) });
+      return;
+    }
+    // The baseline in the same run: Chromium's own stack, the same pages and relay.
     await bareSignaling(pa, "a");
     await bareSignaling(pb, "b");
     const bare = [];
