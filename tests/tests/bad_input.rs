@@ -309,3 +309,63 @@ async fn nothing_accepted_is_lost_when_a_sender_misbehaves() {
         assert_eq!(recv(&mut rx, 10).await, i);
     }
 }
+
+/// An error for a refused frame goes out behind the presences the server holds for the
+/// sender (PROTOCOL.md section 3.3: nothing overtakes presence), even while they wait to be
+/// batched: a joiner's `joined` reaches the sender before the error of a frame it sent after
+/// the join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_frame_does_not_overtake_presence() {
+    let s = spawn_server().await;
+    let mut a = Raw::connect(&s).await;
+    a.emit(
+        "p2p:req",
+        json!({"rid": 1, "op": "hello", "version": 2, "rooms": ["storm"], "frames": "base64", "batch_presence": true}),
+    )
+    .await;
+    let me = a.expect("p2p:res").await["ok"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for i in 0..5 {
+        let mut b = Raw::connect(&s).await;
+        let joiner = b.hello(None, &["storm"]).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // At once, while `joined` may still wait in the sender's presence batch.
+        a.send_frames(&[chat_frame("nobody-here", "", &format!("x{i}"))])
+            .await;
+        let mut seen_join = false;
+        loop {
+            let (ev, p) = tokio::time::timeout(Duration::from_secs(10), a.rx.recv())
+                .await
+                .expect("timed out")
+                .expect("closed");
+            let v = match p {
+                rust_socketio::Payload::Text(mut v) if !v.is_empty() => v.swap_remove(0),
+                _ => Value::Null,
+            };
+            match ev.as_str() {
+                "p2p:presence" => {
+                    let list = match v {
+                        Value::Array(list) => list,
+                        one => vec![one],
+                    };
+                    seen_join |= list
+                        .iter()
+                        .any(|p| p["type"] == "joined" && p["peer"]["id"] == joiner.as_str());
+                }
+                "p2p:error" => {
+                    assert_eq!(code(&v), "UnknownPeer", "{v}");
+                    assert!(
+                        seen_join,
+                        "the error of round {i} overtook {joiner}'s join ({me})"
+                    );
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+}

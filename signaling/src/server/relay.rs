@@ -24,15 +24,24 @@ impl P2pSignaling {
         data: Result<Bytes, String>,
         may_wait: bool,
     ) {
-        let batch_error = |code: ErrorCode, message: String| {
+        // Errors go to the sender through its registered socket when it has one: that one
+        // sends the presences queued for it first, and nothing may overtake them.
+        let batch_error = |own: Option<Arc<dyn PeerSocket>>, code: ErrorCode, message: String| {
             self.inner.counters.error(code);
             let msg = error_event(code, message, events::FRAME);
-            let _ = me.emit_json(events::ERROR, &to_json(&msg));
+            let to: &dyn PeerSocket = own.as_deref().unwrap_or(me);
+            let _ = to.emit_json(events::ERROR, &to_json(&msg));
+        };
+        let own_socket = || {
+            let st = self.lock();
+            let id = st.peer_id(sid);
+            st.conns.get(&id).map(|c| Arc::clone(&c.socket))
         };
         let batch = match data {
             Ok(b) => b,
             Err(e) => {
                 return batch_error(
+                    own_socket(),
                     ErrorCode::BadRequest,
                     format!("p2p:f takes one batch (binary or base64 text): {e}"),
                 );
@@ -41,6 +50,7 @@ impl P2pSignaling {
         let max_batch = self.inner.opts.max_frame.saturating_mul(4);
         if batch.len() > max_batch {
             return batch_error(
+                own_socket(),
                 ErrorCode::PayloadTooLarge,
                 format!(
                     "batch of {} bytes, the server takes at most {max_batch}",
@@ -50,10 +60,17 @@ impl P2pSignaling {
         }
         let frames = match split_batch(&batch) {
             Ok(f) => f,
-            Err(e) => return batch_error(ErrorCode::BadRequest, format!("bad batch: {e}")),
+            Err(e) => {
+                return batch_error(
+                    own_socket(),
+                    ErrorCode::BadRequest,
+                    format!("bad batch: {e}"),
+                );
+            }
         };
         let mut errors: Vec<ErrorMsg> = Vec::new();
         let mut outgoing: Vec<OutBatch> = Vec::new();
+        let own: Option<Arc<dyn PeerSocket>>;
         {
             let mut st = self.lock();
             if may_wait
@@ -65,11 +82,13 @@ impl P2pSignaling {
                 return;
             }
             let id = st.peer_id(sid);
+            own = st.conns.get(&id).map(|c| Arc::clone(&c.socket));
             match self.spend(&mut st, &id, frames.len(), batch.len()) {
                 Spent::Ok => {}
                 Spent::Refused => {
                     drop(st);
                     return batch_error(
+                        own,
                         ErrorCode::RateLimited,
                         "over this connection's frame or byte budget; send it again later".into(),
                     );
@@ -77,6 +96,7 @@ impl P2pSignaling {
                 Spent::Flooding => {
                     drop(st);
                     batch_error(
+                        own,
                         ErrorCode::RateLimited,
                         "disconnected: this connection keeps sending over its budget".into(),
                     );
@@ -136,9 +156,10 @@ impl P2pSignaling {
                 ));
             }
         }
+        let to: &dyn PeerSocket = own.as_deref().unwrap_or(me);
         for e in errors {
             self.inner.counters.error(e.error.code);
-            let _ = me.emit_json(events::ERROR, &to_json(&e));
+            let _ = to.emit_json(events::ERROR, &to_json(&e));
         }
     }
 
