@@ -471,7 +471,14 @@ impl Core {
 
     /// Adds a peer we did not know; false if we knew it (or it is us).
     pub(super) fn ensure_peer(&mut self, info: &PeerInfo) -> bool {
-        if self.peers.contains_key(&info.id) || info.id == self.me.id {
+        if info.id == self.me.id {
+            return false;
+        }
+        if let Some(known) = self.peers.get_mut(&info.id) {
+            // First met through a frame or a signal (no uid), then through the server.
+            if known.info.uid.is_none() && info.uid.is_some() {
+                known.info.uid.clone_from(&info.uid);
+            }
             return false;
         }
         let peer = Peer::new(info, &self.me.id, &self.opts, self.now);

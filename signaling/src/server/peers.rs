@@ -180,6 +180,15 @@ impl P2pSignaling {
         if let Some(c) = st.conns.get_mut(b) {
             c.pairs.insert(a.to_owned());
         }
+        // `b` hears of the pair before `a` does: `a` may send to `b` the moment it has its
+        // answer, and nothing may overtake a presence.
+        if let Some(sb) = st.socket(b) {
+            out.push(
+                &sb,
+                events::PRESENCE,
+                to_json(&Presence::Paired { peer: ia }),
+            );
+        }
         if let Some(sa) = st.socket(a) {
             out.push(
                 &sa,
@@ -194,13 +203,6 @@ impl P2pSignaling {
                 &sa,
                 events::PRESENCE,
                 to_json(&Presence::Paired { peer: ib }),
-            );
-        }
-        if let Some(sb) = st.socket(b) {
-            out.push(
-                &sb,
-                events::PRESENCE,
-                to_json(&Presence::Paired { peer: ia }),
             );
         }
     }

@@ -44,13 +44,12 @@ const PRESENCE_BATCH: usize = 64;
 const PRESENCE_DELAY: std::time::Duration = std::time::Duration::from_millis(25);
 
 impl PresenceQueue {
-    fn take(&self) -> Vec<Arc<str>> {
-        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Sends what is queued, in batches of at most `PRESENCE_BATCH`.
+    /// Sends what is queued, in batches of at most `PRESENCE_BATCH`. The queue stays locked
+    /// until they are handed to the socket: an emit on another thread (the delayed flush,
+    /// or a frame for this client) waits for them, so nothing overtakes a presence.
     fn flush<A: Adapter>(&self, socket: &SocketRef<A>) -> Result<(), EmitFail> {
-        let queued = self.take();
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let queued = std::mem::take(&mut *queue);
         let mut result = Ok(());
         for chunk in queued.chunks(PRESENCE_BATCH) {
             let text = if let [one] = chunk {
