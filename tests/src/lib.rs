@@ -443,3 +443,28 @@ pub fn rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Events `"n"` (numbered from 0) from one peer, counted as they come: `next` is how many
+/// arrived, `bad` how many were not the number expected (lost, duplicated or reordered).
+pub struct Counter {
+    pub next: std::sync::atomic::AtomicU64,
+    pub bad: std::sync::atomic::AtomicU64,
+}
+
+/// Counts events "n" from `from` at `p`, checking they come in order, once.
+pub fn count(p: &P2p, from: &str) -> std::sync::Arc<Counter> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let c = std::sync::Arc::new(Counter {
+        next: AtomicU64::new(0),
+        bad: AtomicU64::new(0),
+    });
+    let c2 = c.clone();
+    p.from(from).on("n", move |ev| {
+        let v: u64 = ev.decode_json().unwrap_or(u64::MAX);
+        if v != c2.next.load(Ordering::SeqCst) {
+            c2.bad.fetch_add(1, Ordering::SeqCst);
+        }
+        c2.next.fetch_add(1, Ordering::SeqCst);
+    });
+    c
+}

@@ -12,28 +12,6 @@ use socketio_p2p_tests::*;
 
 const N: u64 = 100_000;
 
-struct Counter {
-    next: AtomicU64,
-    bad: AtomicU64,
-}
-
-/// Counts events "n" from `from` at `p`, checking they come in order, once.
-fn count(p: &P2p, from: &str) -> Arc<Counter> {
-    let c = Arc::new(Counter {
-        next: AtomicU64::new(0),
-        bad: AtomicU64::new(0),
-    });
-    let c2 = c.clone();
-    p.from(from).on("n", move |ev| {
-        let v: u64 = ev.decode_json().unwrap_or(u64::MAX);
-        if v != c2.next.load(Ordering::SeqCst) {
-            c2.bad.fetch_add(1, Ordering::SeqCst);
-        }
-        c2.next.fetch_add(1, Ordering::SeqCst);
-    });
-    c
-}
-
 fn send_all(from: &P2p, to: &str, sent: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
     let from = from.clone();
     let to = to.to_owned();

@@ -8,14 +8,14 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use socketio_p2p::{P2p, P2pOptions, Path, PeerStats, UpgradeFailure};
 use socketio_p2p_signaling::{P2pSignaling, SignalingOptions, TurnCredentials};
 use socketio_p2p_tests::lab::*;
-use socketio_p2p_tests::wait_until;
+use socketio_p2p_tests::{count, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const EVENTS: u64 = 10_000;
@@ -46,27 +46,6 @@ async fn connect(lab: &Lab, h: usize, url: &str, opts: P2pOptions) -> P2p {
         })
         .await
         .unwrap()
-}
-
-struct Counter {
-    next: AtomicU64,
-    bad: AtomicU64,
-}
-
-fn count(p: &P2p, from: &str) -> Arc<Counter> {
-    let c = Arc::new(Counter {
-        next: AtomicU64::new(0),
-        bad: AtomicU64::new(0),
-    });
-    let c2 = c.clone();
-    p.from(from).on("n", move |ev| {
-        let v: u64 = ev.decode_json().unwrap_or(u64::MAX);
-        if v != c2.next.load(Ordering::SeqCst) {
-            c2.bad.fetch_add(1, Ordering::SeqCst);
-        }
-        c2.next.fetch_add(1, Ordering::SeqCst);
-    });
-    c
 }
 
 async fn send_events(lab: &Lab, h: usize, from: &P2p, to: &str) -> tokio::task::JoinHandle<()> {
