@@ -20,7 +20,7 @@ use super::config::{IceTimeouts, OUR_ICE_TIMEOUTS};
 use super::error::map_err;
 use super::nominate::spawn_kicks;
 use super::peer::new_peer_connection;
-use super::sdp::parse_remote_candidate;
+use super::sdp::{Signaled, parse_remote_candidate, remote_kind, sdp_candidates};
 use super::shared::Shared;
 use super::{
     CandidateInit, GATHER_TIMEOUT, MAX_FRAME_SIZE, MAX_PENDING_CANDIDATES, RELIABLE_LABEL,
@@ -32,6 +32,17 @@ use super::{
 struct RemoteState {
     remote_set: bool,
     pending: Vec<RTCIceCandidateInit>,
+    /// Every candidate the peer signaled (in its SDP or trickled), at most
+    /// `MAX_PENDING_CANDIDATES`: what the selected pair's remote really is.
+    signaled: Vec<Signaled>,
+}
+
+impl RemoteState {
+    fn remember(&mut self, s: Signaled) {
+        if self.signaled.len() < MAX_PENDING_CANDIDATES {
+            self.signaled.push(s);
+        }
+    }
 }
 
 /// One peer connection with its two data channels.
@@ -108,7 +119,14 @@ impl RtcLink {
             .ice_transport()
             .get_selected_candidate_pair()
             .await?;
-        Some((pair.local, pair.remote))
+        let mut remote = pair.remote;
+        remote.typ = remote_kind(
+            remote.typ,
+            &remote.address,
+            remote.port,
+            &self.remote.lock().await.signaled,
+        );
+        Some((pair.local, remote))
     }
 
     /// Offerer side: create the two data channels ("p2p" reliable ordered;
@@ -190,6 +208,9 @@ impl RtcLink {
     /// Sets the remote description, then applies the buffered remote candidates.
     async fn set_remote(&self, desc: RTCSessionDescription) -> Result<(), RtcError> {
         let mut remote = self.remote.lock().await;
+        for c in sdp_candidates(&desc.sdp) {
+            remote.remember(c);
+        }
         self.pc()
             .set_remote_description(desc)
             .await
@@ -280,13 +301,14 @@ impl RtcLink {
     /// buffered and applied once it is. An empty candidate (end of candidates) is
     /// accepted and ignored. Bad candidate -> BadCandidate.
     pub(crate) async fn add_remote_candidate(&self, c: CandidateInit) -> Result<(), RtcError> {
-        let Some(init) = parse_remote_candidate(c)? else {
+        let Some((init, signaled)) = parse_remote_candidate(c)? else {
             return Ok(());
         };
         if self.shared.owner_closed.load(Ordering::SeqCst) {
             return Err(RtcError::Closed);
         }
         let mut remote = self.remote.lock().await;
+        remote.remember(signaled);
         if !remote.remote_set {
             if remote.pending.len() >= MAX_PENDING_CANDIDATES {
                 return Err(RtcError::BadCandidate(format!(
