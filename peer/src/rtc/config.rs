@@ -8,7 +8,10 @@ use webrtc::api::APIBuilder;
 use webrtc::api::setting_engine::SettingEngine;
 use webrtc::ice::mdns::MulticastDnsMode;
 use webrtc::ice::network_type::NetworkType;
+use webrtc::ice::url::{ProtoType, SchemeType, Url};
 use webrtc::ice_transport::ice_server::RTCIceServer;
+
+use super::turn_tcp::TcpTurnBridge;
 
 /// ICE: time without any inbound traffic before the agent goes `disconnected`
 /// (webrtc-rs default: 5 s). A `disconnected` connection is reported as `Closed`.
@@ -99,20 +102,72 @@ pub(super) fn build_api(cfg: &RtcConfig, timeouts: IceTimeouts) -> webrtc::api::
     APIBuilder::new().with_setting_engine(se).build()
 }
 
-/// ICE servers for a config (none when only loopback/no candidates are wanted).
-pub(super) fn ice_servers(cfg: &RtcConfig) -> Vec<RTCIceServer> {
+/// ICE servers for a config (none when only loopback/no candidates are wanted), and the
+/// bridges that carry its `turn:...?transport=tcp` URLs (see [`TcpTurnBridge`]): they
+/// must live as long as the peer connection.
+pub(super) async fn ice_servers(cfg: &RtcConfig) -> (Vec<RTCIceServer>, Vec<TcpTurnBridge>) {
     if cfg.loopback_only || cfg.block_all_candidates {
         if !cfg.ice_servers.is_empty() {
             tracing::debug!("loopback-only/blocked candidates: ICE servers ignored");
         }
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
-    cfg.ice_servers
-        .iter()
-        .map(|s| RTCIceServer {
-            urls: s.urls.clone(),
+    let mut bridges = Vec::new();
+    let mut servers = Vec::with_capacity(cfg.ice_servers.len());
+    for s in &cfg.ice_servers {
+        let mut urls = Vec::with_capacity(s.urls.len());
+        for raw in &s.urls {
+            match turn_over_tcp(raw) {
+                Some(server) => match TcpTurnBridge::start(server).await {
+                    Ok(bridge) => {
+                        urls.push(format!("turn:{}?transport=udp", bridge.local_addr()));
+                        bridges.push(bridge);
+                    }
+                    Err(e) => tracing::warn!(url = %raw, error = %e, "no TURN/TCP bridge"),
+                },
+                None => urls.push(raw.clone()),
+            }
+        }
+        servers.push(RTCIceServer {
+            urls,
             username: s.username.clone().unwrap_or_default(),
             credential: s.credential.clone().unwrap_or_default(),
-        })
-        .collect()
+        });
+    }
+    (servers, bridges)
+}
+
+/// `host:port` of a `turn:` URL over TCP, which the ICE agent cannot use by itself.
+fn turn_over_tcp(raw: &str) -> Option<String> {
+    let url = Url::parse_url(raw).ok()?;
+    if url.scheme != SchemeType::Turn || url.proto != ProtoType::Tcp {
+        return None;
+    }
+    Some(if url.host.contains(':') {
+        format!("[{}]:{}", url.host, url.port)
+    } else {
+        format!("{}:{}", url.host, url.port)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_turn_over_tcp_urls_need_a_bridge() {
+        let tcp = turn_over_tcp("turn:turn.example.org:3478?transport=tcp");
+        assert_eq!(tcp.as_deref(), Some("turn.example.org:3478"));
+        let v6 = turn_over_tcp("turn:[::1]:3478?transport=tcp");
+        assert_eq!(v6.as_deref(), Some("[::1]:3478"));
+        for other in [
+            "turn:turn.example.org:3478",
+            "turn:turn.example.org:3478?transport=udp",
+            "stun:stun.example.org:3478",
+            "turns:turn.example.org:5349?transport=tcp",
+            "not a url",
+        ] {
+            assert_eq!(turn_over_tcp(other), None, "{other}");
+        }
+    }
 }

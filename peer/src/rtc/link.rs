@@ -11,6 +11,8 @@ use webrtc::data_channel::RTCDataChannel;
 use webrtc::data_channel::data_channel_init::RTCDataChannelInit;
 use webrtc::data_channel::data_channel_state::RTCDataChannelState;
 use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
+use webrtc::ice_transport::ice_candidate_type::RTCIceCandidateType;
+use webrtc::ice_transport::ice_protocol::RTCIceProtocol;
 use webrtc::peer_connection::RTCPeerConnection;
 use webrtc::peer_connection::sdp::sdp_type::RTCSdpType;
 use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
@@ -22,6 +24,7 @@ use super::nominate::spawn_kicks;
 use super::peer::new_peer_connection;
 use super::sdp::{Signaled, parse_remote_candidate, remote_kind, sdp_candidates};
 use super::shared::Shared;
+use super::turn_tcp::TcpTurnBridge;
 use super::{
     CandidateInit, GATHER_TIMEOUT, MAX_FRAME_SIZE, MAX_PENDING_CANDIDATES, RELIABLE_LABEL,
     RtcConfig, RtcError, RtcEvent, VOLATILE_LABEL, lock,
@@ -60,6 +63,8 @@ pub(crate) struct RtcLink {
     remote: Mutex<RemoteState>,
     /// `close()` completed (also serializes concurrent `close()` calls).
     closed: Mutex<bool>,
+    /// TURN/TCP bridges of the current peer connection.
+    bridges: StdMutex<Vec<TcpTurnBridge>>,
 }
 
 impl std::fmt::Debug for RtcLink {
@@ -89,9 +94,10 @@ impl RtcLink {
         timeouts: IceTimeouts,
     ) -> Result<Self, RtcError> {
         let shared = Arc::new(Shared::new(key, cfg.trickle, events));
-        let pc = new_peer_connection(cfg, timeouts, &Arc::downgrade(&shared)).await?;
+        let (pc, bridges) = new_peer_connection(cfg, timeouts, &Arc::downgrade(&shared)).await?;
         Ok(Self {
             pc: StdMutex::new(pc),
+            bridges: StdMutex::new(bridges),
             shared,
             cfg: cfg.clone(),
             timeouts,
@@ -119,6 +125,15 @@ impl RtcLink {
             .ice_transport()
             .get_selected_candidate_pair()
             .await?;
+        let mut local = pair.local;
+        if local.typ == RTCIceCandidateType::Relay
+            && lock(&self.bridges)
+                .iter()
+                .any(|b| b.serves(local.related_port))
+        {
+            // Relayed by a TURN server we reach over TCP (see `turn_tcp`).
+            local.protocol = RTCIceProtocol::Tcp;
+        }
         let mut remote = pair.remote;
         remote.typ = remote_kind(
             remote.typ,
@@ -126,7 +141,7 @@ impl RtcLink {
             remote.port,
             &self.remote.lock().await.signaled,
         );
-        Some((pair.local, remote))
+        Some((local, remote))
     }
 
     /// Offerer side: create the two data channels ("p2p" reliable ordered;
@@ -278,7 +293,7 @@ impl RtcLink {
                 old.signaling_state()
             )));
         }
-        let fresh =
+        let (fresh, bridges) =
             new_peer_connection(&self.cfg, self.timeouts, &Arc::downgrade(&self.shared)).await?;
         // Silence the old connection before closing it: its channels were never
         // opened and its state changes must not be reported.
@@ -286,6 +301,7 @@ impl RtcLink {
         lock(&self.shared.reliable).take();
         lock(&self.shared.volatile).take();
         *lock(&self.pc) = fresh;
+        *lock(&self.bridges) = bridges;
         drop(closed);
         if let Err(e) = old.close().await {
             tracing::debug!(key = self.shared.key, error = %e, "closing rolled-back connection");

@@ -31,6 +31,7 @@ mod sdp;
 mod shared;
 #[cfg(test)]
 mod tests;
+mod turn_tcp;
 
 pub(crate) use config::{IceServerConfig, RtcConfig};
 pub(crate) use error::RtcError;

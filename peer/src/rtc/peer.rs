@@ -14,17 +14,20 @@ use super::channel::adopt_remote_channel;
 use super::config::{IceTimeouts, build_api, ice_servers};
 use super::error::{RtcError, map_err};
 use super::shared::Shared;
+use super::turn_tcp::TcpTurnBridge;
 
-/// Creates a peer connection whose callbacks only reach the link state through `weak`.
+/// Creates a peer connection whose callbacks only reach the link state through `weak`,
+/// with the TURN/TCP bridges it needs (keep them as long as the connection).
 pub(super) async fn new_peer_connection(
     cfg: &RtcConfig,
     timeouts: IceTimeouts,
     weak: &Weak<Shared>,
-) -> Result<Arc<RTCPeerConnection>, RtcError> {
+) -> Result<(Arc<RTCPeerConnection>, Vec<TcpTurnBridge>), RtcError> {
     let api = build_api(cfg, timeouts);
+    let (ice_servers, bridges) = ice_servers(cfg).await;
     let pc = api
         .new_peer_connection(RTCConfiguration {
-            ice_servers: ice_servers(cfg),
+            ice_servers,
             ..Default::default()
         })
         .await
@@ -66,7 +69,7 @@ pub(super) async fn new_peer_connection(
         }
         Box::pin(async {})
     }));
-    Ok(Arc::new(pc))
+    Ok((Arc::new(pc), bridges))
 }
 
 /// Reports `Closed` when the peer connection failed, disconnected or closed.
