@@ -64,6 +64,7 @@ pub struct P2pOptions {
     pub(crate) reconnect_timeout: Duration,
     pub(crate) retry_backoff: (Duration, Duration),
     pub(crate) ice_servers: Vec<IceServer>,
+    pub(crate) turn_tls_roots: Vec<Vec<u8>>,
     pub(crate) trickle: bool,
     pub(crate) loopback_only: bool,
     pub(crate) disable_mdns: bool,
@@ -97,6 +98,7 @@ impl Default for P2pOptions {
             reconnect_timeout: Duration::from_secs(60),
             retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             ice_servers: vec![IceServer::stun("stun:stun.l.google.com:19302")],
+            turn_tls_roots: Vec::new(),
             trickle: true,
             loopback_only: false,
             disable_mdns: true,
@@ -208,6 +210,12 @@ impl P2pOptions {
     /// ICE servers (STUN/TURN). Default: one public STUN server.
     pub fn ice_servers(mut self, servers: Vec<IceServer>) -> Self {
         self.ice_servers = servers;
+        self
+    }
+    /// Trusts this root certificate (PEM) for `turns:` servers, beside the system's roots:
+    /// for a TURN server whose certificate comes from a private CA.
+    pub fn turn_tls_root(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.turn_tls_roots.push(pem.into());
         self
     }
     /// Trickle ICE candidates (default true); off puts them all in the SDP.

@@ -28,6 +28,8 @@ const ICE_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 pub(crate) struct RtcConfig {
     /// ICE servers: urls + optional username/credential.
     pub ice_servers: Vec<IceServerConfig>,
+    /// Extra trusted roots (PEM) for `turns:` servers.
+    pub turn_tls_roots: Vec<Vec<u8>>,
     /// Only gather loopback candidates (127.0.0.1 / ::1): used by tests, demo and benchmark.
     /// ICE servers are ignored in this mode (their candidates could not be loopback).
     pub loopback_only: bool,
@@ -44,6 +46,7 @@ impl Default for RtcConfig {
     fn default() -> Self {
         Self {
             ice_servers: Vec::new(),
+            turn_tls_roots: Vec::new(),
             loopback_only: false,
             disable_mdns: true,
             trickle: true,
@@ -118,13 +121,15 @@ pub(super) async fn ice_servers(cfg: &RtcConfig) -> (Vec<RTCIceServer>, Vec<TcpT
         let mut urls = Vec::with_capacity(s.urls.len());
         for raw in &s.urls {
             match turn_over_tcp(raw) {
-                Some(server) => match TcpTurnBridge::start(server).await {
-                    Ok(bridge) => {
-                        urls.push(format!("turn:{}?transport=udp", bridge.local_addr()));
-                        bridges.push(bridge);
+                Some((server, tls)) => {
+                    match TcpTurnBridge::start(server, tls, &cfg.turn_tls_roots).await {
+                        Ok(bridge) => {
+                            urls.push(format!("turn:{}?transport=udp", bridge.local_addr()));
+                            bridges.push(bridge);
+                        }
+                        Err(e) => tracing::warn!(url = %raw, error = %e, "no TURN/TCP bridge"),
                     }
-                    Err(e) => tracing::warn!(url = %raw, error = %e, "no TURN/TCP bridge"),
-                },
+                }
                 None => urls.push(raw.clone()),
             }
         }
@@ -137,17 +142,21 @@ pub(super) async fn ice_servers(cfg: &RtcConfig) -> (Vec<RTCIceServer>, Vec<TcpT
     (servers, bridges)
 }
 
-/// `host:port` of a `turn:` URL over TCP, which the ICE agent cannot use by itself.
-fn turn_over_tcp(raw: &str) -> Option<String> {
+/// `host:port` of a `turn:` URL over TCP or a `turns:` URL (with the host name TLS must
+/// check), which the ICE agent cannot use by itself.
+fn turn_over_tcp(raw: &str) -> Option<(String, Option<String>)> {
     let url = Url::parse_url(raw).ok()?;
-    if url.scheme != SchemeType::Turn || url.proto != ProtoType::Tcp {
-        return None;
-    }
-    Some(if url.host.contains(':') {
+    let tls = match url.scheme {
+        SchemeType::Turn if url.proto == ProtoType::Tcp => None,
+        SchemeType::Turns if url.proto == ProtoType::Tcp => Some(url.host.clone()),
+        _ => return None,
+    };
+    let addr = if url.host.contains(':') {
         format!("[{}]:{}", url.host, url.port)
     } else {
         format!("{}:{}", url.host, url.port)
-    })
+    };
+    Some((addr, tls))
 }
 
 #[cfg(test)]
@@ -157,14 +166,17 @@ mod tests {
     #[test]
     fn only_turn_over_tcp_urls_need_a_bridge() {
         let tcp = turn_over_tcp("turn:turn.example.org:3478?transport=tcp");
-        assert_eq!(tcp.as_deref(), Some("turn.example.org:3478"));
+        assert_eq!(tcp, Some(("turn.example.org:3478".into(), None)));
         let v6 = turn_over_tcp("turn:[::1]:3478?transport=tcp");
-        assert_eq!(v6.as_deref(), Some("[::1]:3478"));
+        assert_eq!(v6, Some(("[::1]:3478".into(), None)));
+        let tls = turn_over_tcp("turns:turn.example.org:5349");
+        let name = Some("turn.example.org".to_owned());
+        assert_eq!(tls, Some(("turn.example.org:5349".into(), name)));
         for other in [
             "turn:turn.example.org:3478",
             "turn:turn.example.org:3478?transport=udp",
             "stun:stun.example.org:3478",
-            "turns:turn.example.org:5349?transport=tcp",
+            "turns:turn.example.org:5349?transport=udp",
             "not a url",
         ] {
             assert_eq!(turn_over_tcp(other), None, "{other}");

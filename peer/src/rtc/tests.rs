@@ -23,6 +23,7 @@ const B: u64 = 2;
 fn cfg(trickle: bool) -> RtcConfig {
     RtcConfig {
         ice_servers: Vec::new(),
+        turn_tls_roots: Vec::new(),
         loopback_only: true,
         disable_mdns: true,
         trickle,

@@ -1,8 +1,9 @@
-//! TURN over TCP for an ICE agent that speaks TURN over UDP only.
+//! TURN over TCP and TLS for an ICE agent that speaks TURN over UDP only.
 //!
 //! webrtc-ice 0.17 gathers relay candidates from `turn:` URLs with `transport=udp` only
 //! (TCP and TLS are a TODO there), yet TURN over TCP is what gets through networks that
-//! block UDP. For each `turn:host:port?transport=tcp` URL, the peer connection gets a
+//! block UDP (and TLS on 443, what gets through proxies that let only HTTPS out). For each
+//! `turn:host:port?transport=tcp` or `turns:host:port` URL, the peer connection gets a
 //! [`TcpTurnBridge`] instead: a UDP socket on 127.0.0.1 that the agent's TURN client is
 //! pointed at (`turn:127.0.0.1:<port>?transport=udp`), and one TCP connection to the real
 //! server that carries the same TURN messages, framed as RFC 8656 section 12.6 says for
@@ -25,7 +26,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -62,14 +63,26 @@ impl Drop for TcpTurnBridge {
 
 impl TcpTurnBridge {
     /// Binds the local UDP socket; the TCP connection to `server` (`host:port`) is made
-    /// when the TURN client first writes.
-    pub(crate) async fn start(server: String) -> io::Result<Self> {
+    /// when the TURN client first writes. With `tls` (the server's name), the connection
+    /// is TLS, checked against the system's roots and `roots` (PEM).
+    pub(crate) async fn start(
+        server: String,
+        tls: Option<String>,
+        roots: &[Vec<u8>],
+    ) -> io::Result<Self> {
+        let tls = match tls {
+            Some(domain) => Some(Tls {
+                connector: tls_connector(roots)?,
+                domain,
+            }),
+            None => None,
+        };
         let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let local = udp.local_addr()?;
         let served = Arc::new(StdMutex::new(Vec::new()));
         let s = Arc::clone(&served);
         let task = tokio::spawn(async move {
-            if let Err(e) = run(udp, &server, &s).await {
+            if let Err(e) = run(udp, &server, tls, &s).await {
                 tracing::debug!(%server, error = %e, "TURN/TCP bridge ended");
             }
         });
@@ -92,7 +105,28 @@ impl TcpTurnBridge {
     }
 }
 
-async fn run(udp: UdpSocket, server: &str, served: &StdMutex<Vec<u16>>) -> io::Result<()> {
+/// What a `turns:` connection needs.
+#[derive(Clone)]
+struct Tls {
+    connector: tokio_native_tls::TlsConnector,
+    /// The name the server's certificate must carry.
+    domain: String,
+}
+
+fn tls_connector(roots: &[Vec<u8>]) -> io::Result<tokio_native_tls::TlsConnector> {
+    let mut b = native_tls::TlsConnector::builder();
+    for pem in roots {
+        b.add_root_certificate(native_tls::Certificate::from_pem(pem).map_err(io::Error::other)?);
+    }
+    Ok(b.build().map_err(io::Error::other)?.into())
+}
+
+async fn run(
+    udp: UdpSocket,
+    server: &str,
+    tls: Option<Tls>,
+    served: &StdMutex<Vec<u16>>,
+) -> io::Result<()> {
     let udp = Arc::new(udp);
     let mut clients: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut datagram = vec![0u8; MAX_MESSAGE];
@@ -112,7 +146,8 @@ async fn run(udp: UdpSocket, server: &str, served: &StdMutex<Vec<u16>>) -> io::R
             }
             None => {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                tokio::spawn(connection(Arc::clone(&udp), from, server.to_owned(), rx));
+                let conn = connection(Arc::clone(&udp), from, server.to_owned(), tls.clone(), rx);
+                tokio::spawn(conn);
                 clients.insert(from, tx.clone());
                 lock(served).push(from.port());
                 tx
@@ -123,13 +158,14 @@ async fn run(udp: UdpSocket, server: &str, served: &StdMutex<Vec<u16>>) -> io::R
     }
 }
 
-/// One local socket's TCP connection to the server: what the socket sends goes on the
-/// stream; what the server sends comes back to it as datagrams.
+/// One local socket's TCP (or TLS) connection to the server: what the socket sends goes
+/// on the stream; what the server sends comes back to it as datagrams.
 async fn connection(
     udp: Arc<UdpSocket>,
     client: SocketAddr,
     server: String,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    tls: Option<Tls>,
+    rx: mpsc::Receiver<Vec<u8>>,
 ) {
     let run = async {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&server))
@@ -138,35 +174,55 @@ async fn connection(
                 io::Error::new(io::ErrorKind::TimedOut, "connecting to the TURN server")
             })??;
         tcp.set_nodelay(true)?;
-        tracing::debug!(%server, %client, "TURN/TCP bridge connected");
-        let (mut rd, mut wr) = tcp.into_split();
-        let mut stream = Vec::with_capacity(4096);
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            tokio::select! {
-                out = rx.recv() => match out {
-                    Some(bytes) => wr.write_all(&bytes).await?,
-                    None => return Ok(()),
-                },
-                got = rd.read(&mut chunk) => {
-                    let n = got?;
-                    if n == 0 {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TURN server closed the connection"));
-                    }
-                    stream.extend_from_slice(&chunk[..n]);
-                    let mut at = 0;
-                    while let Some(frame) = next_frame(&stream[at..])? {
-                        udp.send_to(&stream[at..at + frame.len], client).await?;
-                        at += frame.consumed;
-                    }
-                    stream.drain(..at);
-                }
+        tracing::debug!(%server, %client, tls = tls.is_some(), "TURN/TCP bridge connected");
+        match tls {
+            None => pump(tcp, &udp, client, rx).await,
+            Some(t) => {
+                let handshake = t.connector.connect(&t.domain, tcp);
+                let s = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake"))?
+                    .map_err(io::Error::other)?;
+                pump(s, &udp, client, rx).await
             }
         }
     };
     let r: io::Result<()> = run.await;
     if let Err(e) = r {
         tracing::debug!(%server, %client, error = %e, "TURN/TCP bridge connection ended");
+    }
+}
+
+/// Moves messages between the stream and the local socket until either side ends.
+async fn pump<S: AsyncRead + AsyncWrite>(
+    stream: S,
+    udp: &UdpSocket,
+    client: SocketAddr,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) -> io::Result<()> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(bytes) => wr.write_all(&bytes).await?,
+                None => return Ok(()),
+            },
+            got = rd.read(&mut chunk) => {
+                let n = got?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TURN server closed the connection"));
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let mut at = 0;
+                while let Some(frame) = next_frame(&buf[at..])? {
+                    udp.send_to(&buf[at..at + frame.len], client).await?;
+                    at += frame.consumed;
+                }
+                buf.drain(..at);
+            }
+        }
     }
 }
 

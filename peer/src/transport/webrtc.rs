@@ -37,6 +37,7 @@ pub(crate) fn config_of(opts: &P2pOptions) -> RtcConfig {
                 credential: s.credential.clone(),
             })
             .collect(),
+        turn_tls_roots: opts.turn_tls_roots.clone(),
         loopback_only: opts.loopback_only,
         disable_mdns: opts.disable_mdns,
         trickle: opts.trickle,
