@@ -170,7 +170,9 @@ impl P2pOptions {
         self.num_clients = n;
         self
     }
-    /// How long an upgrade may take before the peer stays on the relay (default 5 s).
+    /// How long an upgrade may take before the peer stays on the relay (default 5 s). ICE
+    /// gives up after about 4 s of checks without a working pair (`IceFailed`); a shorter
+    /// timeout reports `Timeout` instead.
     pub fn upgrade_timeout(mut self, d: Duration) -> Self {
         self.upgrade_timeout = d;
         self

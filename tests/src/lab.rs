@@ -417,12 +417,20 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("{}-turn", self.prefix));
         std::fs::create_dir_all(&dir).expect("turn dir");
         let conf = dir.join("turnserver.conf");
+        // Private peer addresses are denied, as a public TURN server should: the public
+        // namespace has no route to the homes' 192.168.x.x host candidates, and coturn 4.6
+        // closes an allocation's relay socket when relaying a check to one fails
+        // (ENETUNREACH). webrtc-rs 0.17's TURN client does not allocate again, so every
+        // relayed check after it is lost. Denied, the CreatePermission is refused instead
+        // (403) and nothing is sent there.
         std::fs::write(
             &conf,
             format!(
                 "listening-ip={TURN_IP}\nrelay-ip={TURN_IP}\nlistening-port={TURN_PORT}\n\
                  min-port=40000\nmax-port=49999\nuse-auth-secret\nstatic-auth-secret={TURN_SECRET}\n\
                  realm=lab\nfingerprint\nno-cli\nno-tls\nno-dtls\nno-multicast-peers\n\
+                 denied-peer-ip=10.0.0.0-10.255.255.255\ndenied-peer-ip=172.16.0.0-172.31.255.255\n\
+                 denied-peer-ip=192.168.0.0-192.168.255.255\n\
                  allowed-peer-ip=100.64.0.0-100.64.255.255\nsimple-log\nverbose\n\
                  log-file=stdout\npidfile={}\nuserdb={}\n",
                 dir.join("turn.pid").display(),

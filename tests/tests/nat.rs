@@ -28,10 +28,9 @@ fn signaling(ttl: Duration) -> P2pSignaling {
 }
 
 fn opts() -> P2pOptions {
-    lab_opts(Vec::new())
-        .room("nat")
-        // ICE gives up after about 8 s of checks: within this, a failure says `IceFailed`.
-        .upgrade_timeout(Duration::from_secs(10))
+    // The default `upgrade_timeout` (5 s): ICE gives up after about 4 s of checks, so a
+    // failure says `IceFailed`.
+    lab_opts(Vec::new()).room("nat")
 }
 
 /// Connects a peer from host `h` (inside its namespace).
@@ -251,19 +250,14 @@ fn both_behind_cone_nats_go_direct() {
     check([Home::cone(), Home::cone()], Path::Direct);
 }
 
-// The TURN variants: the peers gather relay candidates on the lab's coturn with the
-// credentials of their welcome, and coturn allocates and grants permissions, but the
-// connectivity checks that go through the relay do not get through reliably with
-// webrtc-rs 0.17's TURN client (coturn counts no packet received from peers on the
-// allocations), so these pass only now and then. Run them with `--ignored`.
+// The TURN variants: a symmetric NAT gives a new port per destination, so only a pair with
+// a relay candidate on the lab's coturn can work (credentials from the welcome).
 #[test]
-#[ignore = "webrtc-rs 0.17 TURN: relayed checks get through only now and then"]
 fn one_symmetric_nat_goes_through_turn() {
     check([Home::symmetric(), Home::cone()], Path::Turn);
 }
 
 #[test]
-#[ignore = "webrtc-rs 0.17 TURN: relayed checks get through only now and then"]
 fn both_symmetric_nats_go_through_turn() {
     check([Home::symmetric(), Home::symmetric()], Path::Turn);
 }
