@@ -31,6 +31,9 @@ pub const SIGNALING_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 pub const TURN_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 /// coturn's port (UDP and TCP).
 pub const TURN_PORT: u16 = 3478;
+/// Its TURN-over-TLS port (`turns:`), with a self-signed certificate for [`TURN_IP`]
+/// ([`Lab::turn_tls_root`]).
+pub const TURNS_PORT: u16 = 5349;
 /// coturn's `static-auth-secret`.
 pub const TURN_SECRET: &str = "lab-turn-secret";
 
@@ -417,6 +420,23 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("{}-turn", self.prefix));
         std::fs::create_dir_all(&dir).expect("turn dir");
         let conf = dir.join("turnserver.conf");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+            ])
+            .arg(format!("/CN={TURN_IP}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName=IP:{TURN_IP}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (for the TURN server's TLS certificate)");
+        assert!(made.success(), "openssl req failed");
         // Private peer addresses are denied, as a public TURN server should: the public
         // namespace has no route to the homes' 192.168.x.x host candidates, and coturn 4.6
         // closes an allocation's relay socket when relaying a check to one fails
@@ -427,12 +447,15 @@ impl Lab {
             &conf,
             format!(
                 "listening-ip={TURN_IP}\nrelay-ip={TURN_IP}\nlistening-port={TURN_PORT}\n\
+                 tls-listening-port={TURNS_PORT}\ncert={}\npkey={}\n\
                  min-port=40000\nmax-port=49999\nuse-auth-secret\nstatic-auth-secret={TURN_SECRET}\n\
-                 realm=lab\nfingerprint\nno-cli\nno-tls\nno-dtls\nno-multicast-peers\n\
+                 realm=lab\nfingerprint\nno-cli\nno-dtls\nno-multicast-peers\n\
                  denied-peer-ip=10.0.0.0-10.255.255.255\ndenied-peer-ip=172.16.0.0-172.31.255.255\n\
                  denied-peer-ip=192.168.0.0-192.168.255.255\n\
                  allowed-peer-ip=100.64.0.0-100.64.255.255\nsimple-log\nverbose\n\
                  log-file=stdout\npidfile={}\nuserdb={}\n",
+                cert.display(),
+                key.display(),
                 dir.join("turn.pid").display(),
                 dir.join("turn.db").display(),
             ),
@@ -461,6 +484,15 @@ impl Lab {
         });
         assert!(ready, "coturn did not start");
         turn
+    }
+
+    /// The certificate (PEM) of the lab's `turns:` server, for
+    /// `P2pOptions::turn_tls_root`.
+    pub fn turn_tls_root(&self) -> Vec<u8> {
+        self.turn
+            .as_ref()
+            .and_then(|t| std::fs::read(t.dir.join("cert.pem")).ok())
+            .unwrap_or_default()
     }
 
     /// The coturn log so far (for failing tests).
@@ -508,6 +540,16 @@ impl Lab {
 /// `turn:100.64.0.2:3478` (UDP).
 pub fn turn_url() -> String {
     format!("turn:{TURN_IP}:{TURN_PORT}")
+}
+
+/// `turn:100.64.0.2:3478?transport=tcp`.
+pub fn turn_tcp_url() -> String {
+    format!("{}?transport=tcp", turn_url())
+}
+
+/// `turns:100.64.0.2:5349` (TURN over TLS).
+pub fn turns_url() -> String {
+    format!("turns:{TURN_IP}:{TURNS_PORT}")
 }
 
 /// `stun:100.64.0.2:3478` (coturn is a STUN server too).

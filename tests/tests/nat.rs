@@ -23,7 +23,12 @@ const STREAM: usize = 16 * 1024 * 1024;
 
 /// A signaling server handing out credentials for the lab's coturn (STUN and TURN/UDP).
 fn signaling(ttl: Duration) -> P2pSignaling {
-    let turn = TurnCredentials::new([stun_url(), turn_url()], TURN_SECRET).ttl(ttl);
+    signaling_with(ttl, vec![stun_url(), turn_url()])
+}
+
+/// The same, handing out these STUN/TURN URLs.
+fn signaling_with(ttl: Duration, urls: Vec<String>) -> P2pSignaling {
+    let turn = TurnCredentials::new(urls, TURN_SECRET).ttl(ttl);
     P2pSignaling::new(SignalingOptions::default().turn_credentials(turn))
 }
 
@@ -129,8 +134,16 @@ async fn upgrade(lab: &Lab, a: &P2p, b: &P2p) -> (socketio_p2p::Result<()>, Dura
 /// The whole check for one kind of network: the pair ends on `expect`, then events both
 /// ways, a 16 MiB stream, and the stats.
 fn check(homes: [Home; 2], expect: Path) {
+    check_with(homes, expect, vec![stun_url(), turn_url()]);
+}
+
+/// [`check`] with the server handing out these STUN/TURN URLs (peers trust the lab's TLS
+/// certificate for `turns:`). When home 0 blocks UDP and the pair ends on TURN, home 0's
+/// end must be a relay it reaches over TCP.
+fn check_with(homes: [Home; 2], expect: Path, urls: Vec<String>) {
     let lab = Lab::new(&homes, 0, true);
-    let url = lab.serve(signaling(Duration::from_secs(600)));
+    let url = lab.serve(signaling_with(Duration::from_secs(600), urls));
+    let opts = || opts().turn_tls_root(lab.turn_tls_root());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let a = connect(&lab, 0, &url, opts()).await;
@@ -183,7 +196,13 @@ fn check(homes: [Home; 2], expect: Path) {
             _ => {
                 r.unwrap();
                 assert_eq!(sa.upgrades, 1);
-                assert!(sa.candidates.is_some());
+                let pair = sa.candidates.expect("a's candidates");
+                if homes[0].block_udp {
+                    assert!(
+                        pair.tcp,
+                        "a blocks UDP, yet its end is not over TCP: {pair:?}"
+                    );
+                }
             }
         }
         let before_a = sa.frames_sent;
@@ -262,13 +281,28 @@ fn both_symmetric_nats_go_through_turn() {
     check([Home::symmetric(), Home::symmetric()], Path::Turn);
 }
 
-/// A router that drops all UDP: no ICE candidate of that home can reach anything. TURN over
-/// TCP would get through, but webrtc-rs 0.17 gathers relay candidates over UDP only
-/// (`turn:...?transport=tcp` is skipped), so the pair stays on our Socket.IO relay, which
-/// runs over TCP.
+/// A router that drops all UDP, and a server that hands out TURN over UDP only: no ICE
+/// candidate of that home can reach anything, so the pair stays on our Socket.IO relay,
+/// which runs over TCP.
 #[test]
 fn udp_blocked_at_one_router_stays_on_the_relay() {
     check([Home::cone().block_udp(), Home::cone()], Path::Relay);
+}
+
+/// The same home, with TURN over TCP handed out too: the home's end goes through coturn
+/// over TCP (the peer bridges `turn:...?transport=tcp`, which webrtc-ice cannot use itself).
+#[test]
+fn udp_blocked_at_one_router_goes_through_turn_over_tcp() {
+    let urls = vec![stun_url(), turn_url(), turn_tcp_url()];
+    check_with([Home::cone().block_udp(), Home::cone()], Path::Turn, urls);
+}
+
+/// The same over TLS (`turns:`), with a certificate the peers trust through
+/// `P2pOptions::turn_tls_root`.
+#[test]
+fn udp_blocked_at_one_router_goes_through_turn_over_tls() {
+    let urls = vec![stun_url(), turn_url(), turns_url()];
+    check_with([Home::cone().block_udp(), Home::cone()], Path::Turn, urls);
 }
 
 #[test]
