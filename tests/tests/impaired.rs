@@ -25,15 +25,15 @@ fn udp_round_trips_take_50ms_and_about_1_percent_is_lost() {
     let arrived = Arc::new(AtomicUsize::new(0));
     let got = arrived.clone();
     // An echo server in end 1 that counts what reached it.
-    let echo = net.ends[1].run(async move {
-        let sock = tokio::net::UdpSocket::bind(server).await.unwrap();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 64];
-            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-                got.fetch_add(1, Ordering::Relaxed);
-                let _ = sock.send_to(&buf[..n], from).await;
-            }
-        })
+    let sock = net.ends[1]
+        .run(tokio::net::UdpSocket::bind(server))
+        .unwrap();
+    let echo = net.ends[1].rt.spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            got.fetch_add(1, Ordering::Relaxed);
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
     });
     // A client in end 0: one probe per millisecond, each carrying its number.
     let rtts = net.ends[0].run(async move {
