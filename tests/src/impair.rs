@@ -172,7 +172,8 @@ pub struct ImpairedNet {
 
 impl ImpairedNet {
     /// Builds `ends` end namespaces around a router that delays every packet by `delay`
-    /// and drops `loss_percent` % of them (resolution 0.01 %).
+    /// and drops `loss_percent` % of them (resolution 0.01 %). Call it, and drop the net,
+    /// outside an async context (it starts and stops runtimes of its own).
     pub fn new(ends: usize, delay: Duration, loss_percent: f64) -> Result<ImpairedNet, String> {
         if !(1..=200).contains(&ends) {
             return Err(format!("{ends} ends: 1 to 200 are possible"));
