@@ -41,6 +41,8 @@ use webrtc::peer_connection::configuration::RTCConfiguration;
 
 #[path = "bench_flood.rs"]
 mod bench_flood;
+#[path = "bench_impaired.rs"]
+mod bench_impaired;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
@@ -178,11 +180,19 @@ struct Settings {
     nodelay: bool,
     /// Trickle ICE (the default) or candidates in the SDP.
     trickle: bool,
+    /// Peers in the impaired network's namespaces: real host candidates, not loopback.
+    impaired: bool,
+    /// The peers' send window in frames (`None`: the default).
+    window: Option<usize>,
 }
 
-/// Serves `layer` on a free loopback port; returns the port.
-async fn serve(layer: socketioxide::layer::SocketIoLayer, nodelay: bool) -> Res<u16> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// Serves `layer` on a free port of `ip`; returns the port.
+async fn serve_at(
+    ip: IpAddr,
+    layer: socketioxide::layer::SocketIoLayer,
+    nodelay: bool,
+) -> Res<u16> {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
     let port = listener.local_addr()?.port();
     let app = axum::Router::new().layer(layer);
     if nodelay {
@@ -199,9 +209,14 @@ async fn serve(layer: socketioxide::layer::SocketIoLayer, nodelay: bool) -> Res<
 
 /// A socketioxide server with `P2pSignaling` (as in the README); returns its port.
 async fn start_signaling(nodelay: bool) -> Res<u16> {
+    start_signaling_at(IpAddr::from([127, 0, 0, 1]), nodelay).await
+}
+
+/// The same on `ip`.
+async fn start_signaling_at(ip: IpAddr, nodelay: bool) -> Res<u16> {
     let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
     P2pSignaling::new(SignalingOptions::default()).attach(&io);
-    serve(layer, nodelay).await
+    serve_at(ip, layer, nodelay).await
 }
 
 /// The baseline: a bare socketioxide server that re-emits every event to the other sockets
@@ -215,6 +230,11 @@ struct Forwarder {
 type Rooms = Arc<Mutex<std::collections::HashMap<String, Vec<SocketRef>>>>;
 
 async fn start_forwarder(nodelay: bool) -> Res<Forwarder> {
+    start_forwarder_at(IpAddr::from([127, 0, 0, 1]), nodelay).await
+}
+
+/// The same on `ip`.
+async fn start_forwarder_at(ip: IpAddr, nodelay: bool) -> Res<Forwarder> {
     let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
     let rooms: Rooms = Arc::default();
     let connected = Arc::new(AtomicUsize::new(0));
@@ -253,9 +273,9 @@ async fn start_forwarder(nodelay: bool) -> Res<Forwarder> {
             count.fetch_add(1, Ordering::Relaxed);
         },
     );
-    let port = serve(layer, nodelay).await?;
+    let port = serve_at(ip, layer, nodelay).await?;
     Ok(Forwarder {
-        url: format!("http://127.0.0.1:{port}"),
+        url: format!("http://{ip}:{port}"),
         connected,
         dropped,
     })
@@ -298,8 +318,17 @@ async fn peer(url: &str, room: &str, set: Settings) -> Res<P2p> {
     let opts = P2pOptions::default()
         .room(room)
         .auto_upgrade(false)
-        .loopback_only()
+        .disable_mdns(true)
         .trickle(set.trickle);
+    let opts = if set.impaired {
+        opts
+    } else {
+        opts.loopback_only()
+    };
+    let opts = match set.window {
+        Some(frames) => opts.window(frames),
+        None => opts,
+    };
     Ok(P2p::new(builder, opts).await?)
 }
 
@@ -409,7 +438,22 @@ async fn relay_ours(
 
 /// The same run through the bare forwarder, with raw rust_socketio clients.
 async fn relay_bare(set: Settings, groups: usize, receivers: usize, per_sender: usize) -> Res<Run> {
-    let fwd = start_forwarder(set.nodelay).await?;
+    relay_bare_via(
+        start_forwarder(set.nodelay).await?,
+        groups,
+        receivers,
+        per_sender,
+    )
+    .await
+}
+
+/// The same through the fresh forwarder `fwd`.
+async fn relay_bare_via(
+    fwd: Forwarder,
+    groups: usize,
+    receivers: usize,
+    per_sender: usize,
+) -> Res<Run> {
     let counter = Counter::new(groups * receivers * per_sender);
     let mut senders = Vec::new();
     let mut all = Vec::new();
@@ -876,6 +920,8 @@ async fn main() -> Res<()> {
     let set = Settings {
         nodelay: !flag("--nagle"),
         trickle: !flag("--no-trickle"),
+        impaired: false,
+        window: None,
     };
     if flag("--serve-only") {
         return serve_only(set.nodelay).await;
@@ -902,6 +948,7 @@ async fn main() -> Res<()> {
         "presence_storm",
         "cluster",
         "flood_isolation",
+        "impaired",
     ] {
         if only.as_ref().is_some_and(|o| !o.contains(&name)) {
             continue;
@@ -914,6 +961,7 @@ async fn main() -> Res<()> {
             "dc_throughput" => dc_throughput(&url, set).await,
             "server_memory" => server_memory(set).await,
             "flood_isolation" => bench_flood::flood_isolation(&url, set).await,
+            "impaired" => bench_impaired::impaired(set).await,
             _ => loadgen(name).await,
         };
         eprintln!("{name}: done in {:.1} s", t.elapsed().as_secs_f64());

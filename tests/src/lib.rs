@@ -15,6 +15,7 @@ use socketioxide::SocketIo;
 use tokio::sync::mpsc;
 
 mod app;
+pub mod impair;
 pub mod lab;
 mod redis;
 pub mod sio;
