@@ -11,6 +11,8 @@
 //! `loadgen serve [--bare] [--redis URL --prefix P]` is the server child: it prints its port,
 //! then answers each `stat` line on stdin with `<rss KiB> <sockets>`, and exits when stdin
 //! closes. `--bare` is a plain socketioxide server that answers `hello` and keeps nothing.
+//! `LOADGEN_SERVER_MALLOC` in the environment is passed to the server children only, as
+//! `GLIBC_TUNABLES` (to try glibc malloc settings on the server's memory).
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::sync::Arc;
@@ -119,7 +121,13 @@ struct Child {
 
 impl Child {
     async fn start(args: &[&str]) -> Res<Child> {
-        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        // glibc malloc settings for the server child only (not the load generator):
+        // `LOADGEN_SERVER_MALLOC=glibc.malloc.mmap_threshold=8192` and the like.
+        if let Some(t) = std::env::var_os("LOADGEN_SERVER_MALLOC") {
+            cmd.env("GLIBC_TUNABLES", t);
+        }
+        let mut child = cmd
             .arg("serve")
             .args(args)
             .stdin(std::process::Stdio::piped())
