@@ -926,6 +926,9 @@ async fn main() -> Res<()> {
     if flag("--serve-only") {
         return serve_only(set.nodelay).await;
     }
+    if flag("--flood-only") {
+        return bench_flood::flood_only(&args).await;
+    }
     let json_out = flag("--json");
     let only: Option<Vec<&str>> = args
         .iter()

@@ -2,6 +2,10 @@
 //! with a socket flooding the relay in the same run (raw batches of 500 frames as fast as
 //! its socket takes them; the server throttles it and disconnects it, and it comes back at
 //! once). Target: both within 20% of the run without the flood.
+//!
+//! The flooder runs in a child process (this binary with `--flood-only URL SINK`), so that
+//! its own work is not the victims' process's: only the server's part of the flood competes
+//! with them there (on a 2-core machine, the child still competes for the cores).
 use std::sync::atomic::AtomicBool;
 
 use super::*;
@@ -39,8 +43,14 @@ async fn victims(a: &P2p, b: &P2p, c: &P2p, d: &P2p, n: usize) -> Res<(f64, Vec<
     Ok((rate?, rtts?))
 }
 
-/// Floods until `stop`: returns (frames sent, disconnects).
-async fn flooder(url: String, sink: String, stop: Arc<AtomicBool>) -> (u64, u64) {
+/// Floods until `stop`: returns (frames sent, disconnects). `started` is told once the
+/// first batch went out.
+async fn flooder(
+    url: String,
+    sink: String,
+    stop: Arc<AtomicBool>,
+    started: Arc<Notify>,
+) -> (u64, u64) {
     let batch: Vec<Vec<u8>> = (0..500).map(|_| chat_frame(&sink, "", "spam")).collect();
     let mut w = socketio_p2p_signaling::protocol::BatchWriter::new();
     for f in &batch {
@@ -54,6 +64,9 @@ async fn flooder(url: String, sink: String, stop: Arc<AtomicBool>) -> (u64, u64)
         while !stop.load(Ordering::Acquire) {
             if raw.client.emit("p2p:f", payload.clone()).await.is_err() {
                 break;
+            }
+            if frames == 0 {
+                started.notify_one();
             }
             frames += batch.len() as u64;
             let mut gone = false;
@@ -72,6 +85,71 @@ async fn flooder(url: String, sink: String, stop: Arc<AtomicBool>) -> (u64, u64)
     (frames, disconnects)
 }
 
+/// `--flood-only URL SINK`: floods the relay at `URL` with frames for `SINK` until stdin
+/// closes, prints `flooding` once the first batch went out, and `FRAMES DISCONNECTS` at the end.
+pub(super) async fn flood_only(args: &[String]) -> Res<()> {
+    let at = args
+        .iter()
+        .position(|a| a == "--flood-only")
+        .ok_or("no --flood-only")?;
+    let (url, sink) = match (args.get(at + 1), args.get(at + 2)) {
+        (Some(u), Some(s)) => (u.clone(), s.clone()),
+        _ => return Err("usage: --flood-only URL SINK".into()),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(Notify::new());
+    let flood = tokio::spawn(flooder(url, sink, stop.clone(), started.clone()));
+    started.notified().await;
+    println!("flooding");
+    std::io::stdout().flush()?;
+    // Until the parent closes our stdin (or dies).
+    let mut sink_buf = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink_buf).await;
+    stop.store(true, Ordering::Release);
+    let (frames, disconnects) = flood.await?;
+    println!("{frames} {disconnects}");
+    Ok(())
+}
+
+/// Starts the flooder child; returns it once its first batch went out.
+async fn spawn_flooder(
+    url: &str,
+    sink: &str,
+) -> Res<(
+    tokio::process::Child,
+    BufReader<tokio::process::ChildStdout>,
+)> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--flood-only", url, sink])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut out = BufReader::new(child.stdout.take().ok_or("no flooder stdout")?);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut line)).await??;
+    if line.trim() != "flooding" {
+        return Err(format!("flooder did not start: {line:?}").into());
+    }
+    Ok((child, out))
+}
+
+/// Stops the flooder child: (frames sent, disconnects).
+async fn stop_flooder(
+    mut child: tokio::process::Child,
+    mut out: BufReader<tokio::process::ChildStdout>,
+) -> Res<(u64, u64)> {
+    drop(child.stdin.take());
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut line)).await??;
+    let _ = child.wait().await;
+    let mut it = line.split_whitespace().map(str::parse::<u64>);
+    match (it.next(), it.next()) {
+        (Some(Ok(f)), Some(Ok(d))) => Ok((f, d)),
+        _ => Err(format!("flooder said {line:?}").into()),
+    }
+}
+
 pub(super) async fn flood_isolation(url: &str, set: Settings) -> Res<Outcome> {
     const N: usize = 20_000;
     let (a, b) = pair(url, "fi-rate", set).await?;
@@ -83,13 +161,9 @@ pub(super) async fn flood_isolation(url: &str, set: Settings) -> Res<Outcome> {
     // Warm-up, then the run without the flood.
     victims(&a, &b, &c, &d, 2_000).await?;
     let (rate0, rtt0) = victims(&a, &b, &c, &d, N).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flood = tokio::spawn(flooder(url.to_owned(), sink.id().to_owned(), stop.clone()));
-    // Let the flood get going (its first batches are in flight) before measuring.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (child, out) = spawn_flooder(url, sink.id()).await?;
     let (rate1, rtt1) = victims(&a, &b, &c, &d, N).await?;
-    stop.store(true, Ordering::Release);
-    let (flood_frames, flood_disconnects) = flood.await?;
+    let (flood_frames, flood_disconnects) = stop_flooder(child, out).await?;
     for p in [&a, &b, &c, &d, &sink] {
         p.close().await;
     }

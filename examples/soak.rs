@@ -48,6 +48,10 @@ struct Counts {
     restarts: AtomicU64,
     upgrades: AtomicU64,
     downgrades: AtomicU64,
+    /// Reconnections that came back as a new peer (resume not granted).
+    fresh_reconnects: AtomicU64,
+    /// Peers reported gone (`PeerEvent::Disconnected`) to one of ours.
+    peers_gone: AtomicU64,
 }
 
 fn opts() -> P2pOptions {
@@ -263,6 +267,9 @@ async fn faults(
                 counts.dc_killed.fetch_add(1, Ordering::Relaxed);
             }
             4..=5 => {
+                if verbose() {
+                    eprintln!("soak: cutting every connection");
+                }
                 cutter.cut();
                 counts.cuts.fetch_add(1, Ordering::Relaxed);
             }
@@ -294,6 +301,11 @@ async fn faults(
             }
         }
     }
+}
+
+/// `--verbose`: say when each fault comes.
+fn verbose() -> bool {
+    std::env::args().any(|a| a == "--verbose")
 }
 
 fn minutes_arg() -> f64 {
@@ -448,13 +460,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect(),
     );
     let seen = Arc::new(Mutex::new(Seen::default()));
+    let counts = Arc::new(Counts::default());
+    let started = Instant::now();
     for (i, p) in peers.iter().enumerate() {
         wire_receiver(i, p, index.clone(), seen.clone());
         serve_streams(p);
+        // None of these may happen: every peer stays, under its first id.
+        let c = counts.clone();
+        p.on_peer_event(move |ev| match ev {
+            socketio_p2p::PeerEvent::Reconnected { continued: false } => {
+                c.fresh_reconnects.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "soak: {:.1}s: peer {i} came back as a new peer",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            socketio_p2p::PeerEvent::Disconnected { peer } => {
+                c.peers_gone.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "soak: {:.1}s: peer {i} was told {} is gone",
+                    started.elapsed().as_secs_f64(),
+                    peer.id
+                );
+            }
+            _ => {}
+        });
     }
     let peers = Arc::new(peers);
-    let counts = Arc::new(Counts::default());
-    let started = Instant::now();
     let stop = started + Duration::from_secs_f64(minutes * 60.0);
 
     let mut senders = Vec::new();
@@ -545,11 +577,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "acks": load(&c.acks),
         "ack_failures": load(&c.ack_failures),
         "ack_failures_by_kind": json!(*c.ack_kinds.lock().unwrap_or_else(|e| e.into_inner())),
+        "fresh_reconnects": load(&c.fresh_reconnects),
+        "peers_gone": load(&c.peers_gone),
         "streams": load(&c.streams),
         "stream_failures": load(&c.stream_failures),
         // After the first third of the run (connections, first upgrades, buffers).
         "rss_slope_kib_per_min": (slope(&rss[rss.len() / 3..]) * 10.0).round() / 10.0,
+        // The same over the second half only: a slope that stays is growth, not warm-up.
+        "rss_slope_kib_per_min_second_half": (slope(&rss[rss.len() / 2..]) * 10.0).round() / 10.0,
         "rss_kib_end": rss_kib(),
+        "live_webrtc_connections": socketio_p2p::live_webrtc_connections(),
         "faults": {
             "data_channels_killed": load(&c.dc_killed),
             "connections_cut": load(&c.cuts),

@@ -105,8 +105,14 @@ impl std::fmt::Debug for P2p {
 
 impl P2p {
     /// Connects to `url` (e.g. `http://127.0.0.1:3000`, root namespace) and registers.
+    ///
+    /// The connection is a websocket from the start (no HTTP long-polling phase): a
+    /// reconnection then takes one handshake, and what was queued meanwhile cannot break
+    /// a polling session (its packets would go as concurrent POSTs).
     pub async fn connect(url: &str, opts: P2pOptions) -> Result<P2p> {
-        Self::new(ClientBuilder::new(url), opts).await
+        let builder =
+            ClientBuilder::new(url).transport_type(rust_socketio::TransportType::Websocket);
+        Self::new(builder, opts).await
     }
 
     /// Builds the peer on a rust_socketio [`ClientBuilder`] (set the address, namespace,

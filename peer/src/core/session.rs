@@ -38,17 +38,11 @@ impl Core {
                     Phase::Hello
                 };
                 self.credit(CreditOp::SetConnected(true));
-                // A hello sent on an earlier connection that died is void: send it again.
-                let stale: Vec<u64> = self
-                    .reqs
-                    .iter()
-                    .filter(|(_, r)| matches!(r, ReqKind::Hello))
-                    .map(|(k, _)| *k)
-                    .collect();
-                for rid in stale {
-                    self.reqs.remove(&rid);
-                    self.deadlines.clear(&Timer::Request(rid));
-                }
+                // A hello sent on an earlier connection that died gets no answer: send it
+                // again. The earlier one stays pending: the client's callbacks run as
+                // separate tasks, so this `Connected` may be a late or second report of the
+                // connection that hello went on, and then its welcome is the one that counts
+                // (the new hello is answered `AlreadyRegistered`, see `on_response`).
                 self.send_hello();
             }
             NetIn::Batch(batch) => self.on_batch(&batch),
@@ -186,6 +180,7 @@ impl Core {
             return;
         };
         self.deadlines.clear(&Timer::Request(r.rid));
+        let code = r.error.as_ref().map(|e| e.code);
         let result = match (r.ok, r.error) {
             (_, Some(e)) => Err(Error::from_server(e.code, e.message)),
             (Some(v), None) => Ok(v),
@@ -241,6 +236,10 @@ impl Core {
             }
             ReqKind::Hello => match result.and_then(from_json::<Welcome>) {
                 Ok(w) => self.on_welcome(w),
+                // Another hello of ours on this connection was (or will be) welcomed.
+                Err(e) if self.registered() && code == Some(ErrorCode::AlreadyRegistered) => {
+                    tracing::debug!(%e, "hello sent twice on one connection");
+                }
                 Err(e) if self.registered() => {
                     tracing::warn!(%e, "could not register again after a reconnection");
                     self.shutdown(&format!(

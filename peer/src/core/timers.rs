@@ -118,6 +118,8 @@ impl Core {
         let e = Error::Timeout("no answer from the server".into());
         match kind {
             ReqKind::User(r) | ReqKind::Join(_, r) | ReqKind::Leave(_, r) => r(Err(e)),
+            // Not if another hello was welcomed meanwhile.
+            ReqKind::Hello if self.phase == Phase::Ready => {}
             ReqKind::Hello if self.registered() && self.connected() => self.send_hello(),
             ReqKind::Hello => self.finish_ready(Err(e)),
             ReqKind::Pair => self.finish_ready(Err(Error::PeerOffline("pairing timed out".into()))),
