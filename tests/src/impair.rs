@@ -94,29 +94,6 @@ fn create_ns(name: String) -> Result<Ns, String> {
     Ok(ns)
 }
 
-/// Deletes the namespaces of impaired nets whose process is gone.
-fn remove_stale() {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("p2pimp")
-            .and_then(|r| r.split('x').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &name])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
 /// Counters of the delay forwarder.
 #[derive(Debug, Default)]
 pub struct ForwarderStats {
@@ -184,7 +161,7 @@ impl ImpairedNet {
         if !std::path::Path::new("/dev/net/tun").exists() {
             return Err("no /dev/net/tun".into());
         }
-        remove_stale();
+        crate::lab::remove_stale_namespaces("p2pimp");
         let prefix = format!(
             "p2pimp{}x{}",
             std::process::id(),

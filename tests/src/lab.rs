@@ -251,15 +251,16 @@ pub fn turn_credentials(secret: &str, who: &str, ttl: Duration) -> (String, Stri
     (user, pass)
 }
 
-/// Deletes the namespaces of labs whose test process is gone (killed before its drops ran).
-fn remove_stale_labs() {
+/// Deletes the namespaces named `<prefix><pid>x...` whose process is gone (killed before
+/// its drops ran).
+pub(crate) fn remove_stale_namespaces(prefix: &str) {
     let Ok(dir) = std::fs::read_dir("/run/netns") else {
         return;
     };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = name
-            .strip_prefix("p2plab")
+            .strip_prefix(prefix)
             .and_then(|r| r.split('x').next())
             .and_then(|p| p.parse::<u32>().ok())
         else {
@@ -290,7 +291,7 @@ impl Lab {
     /// (LAN 192.168.1.0/24, the first home's subnet, to move a host to).
     pub fn new(homes: &[Home], spare: usize, with_turn: bool) -> Lab {
         crate::init_tracing();
-        remove_stale_labs();
+        remove_stale_namespaces("p2plab");
         let prefix = format!(
             "p2plab{}x{}",
             std::process::id(),
