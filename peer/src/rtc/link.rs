@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Mutex;
@@ -29,6 +30,9 @@ use super::{
     CandidateInit, GATHER_TIMEOUT, MAX_FRAME_SIZE, MAX_PENDING_CANDIDATES, RELIABLE_LABEL,
     RtcConfig, RtcError, RtcEvent, VOLATILE_LABEL, lock,
 };
+
+/// How long an answer (or our nomination rounds) may wait for our ICE transport to start.
+const ICE_START_WAIT: Duration = Duration::from_secs(1);
 
 /// Remote-description state and candidates received before it was set.
 #[derive(Default)]
@@ -250,7 +254,17 @@ impl RtcLink {
             .create_answer(None)
             .await
             .map_err(|e| map_err(e, RtcError::Webrtc))?;
-        self.set_local(answer).await
+        let sdp = self.set_local(answer).await?;
+        // Not before our ICE transport has left `new`: nominated at once, it could connect
+        // while webrtc 0.17 still reads `new`, and then never start DTLS (see
+        // `Shared::ice_started`).
+        if !self.shared.ice_started(ICE_START_WAIT).await {
+            tracing::debug!(
+                key = self.shared.key,
+                "ICE not started yet; answering anyway"
+            );
+        }
+        Ok(sdp)
     }
 
     /// Offerer side: apply the remote answer. Garbage -> BadSdp.
@@ -260,7 +274,8 @@ impl RtcLink {
         self.set_remote(desc).await?;
         // We are the controlling side: see that a valid pair is nominated without waiting
         // for the ICE agent's 200 ms tick.
-        spawn_kicks(Arc::downgrade(&self.pc()), self.shared.key);
+        let started = self.shared.ice_started(ICE_START_WAIT);
+        spawn_kicks(Arc::downgrade(&self.pc()), self.shared.key, started);
         Ok(())
     }
 

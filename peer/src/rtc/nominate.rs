@@ -50,10 +50,20 @@ fn pairless_candidate(n: u16) -> RTCIceCandidateInit {
     }
 }
 
-/// Starts the rounds for `pc` (just given the remote answer). Ends early when ICE is no
-/// longer checking, or when the connection is gone.
-pub(super) fn spawn_kicks(pc: Weak<RTCPeerConnection>, key: u64) {
+/// Starts the rounds for `pc` (just given the remote answer) once `started` resolves (our
+/// ICE transport left `new`: a nomination before that can keep DTLS from ever starting, see
+/// `Shared::ice_started`). Ends early when ICE is no longer checking, or when the
+/// connection is gone.
+pub(super) fn spawn_kicks(
+    pc: Weak<RTCPeerConnection>,
+    key: u64,
+    started: impl Future<Output = bool> + Send + 'static,
+) {
     tokio::spawn(async move {
+        if !started.await {
+            tracing::debug!(key, "ICE not started; no nomination rounds");
+            return;
+        }
         for (n, wait) in (0u16..).zip(KICKS) {
             tokio::time::sleep(wait).await;
             let Some(pc) = pc.upgrade() else { return };

@@ -43,11 +43,14 @@ pub(super) async fn new_peer_connection(
 
     let w = weak.clone();
     pc.on_ice_connection_state_change(Box::new(move |s: RTCIceConnectionState| {
-        // Reported before the peer connection state follows, so the reason says ICE.
-        if s == RTCIceConnectionState::Failed
-            && let Some(sh) = w.upgrade()
-        {
-            sh.report_closed(crate::core::negotiate::ICE_FAILED.to_owned());
+        if let Some(sh) = w.upgrade() {
+            if s != RTCIceConnectionState::New && s != RTCIceConnectionState::Unspecified {
+                sh.mark_ice_started();
+            }
+            // Reported before the peer connection state follows, so the reason says ICE.
+            if s == RTCIceConnectionState::Failed {
+                sh.report_closed(crate::core::negotiate::ICE_FAILED.to_owned());
+            }
         }
         Box::pin(async {})
     }));

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc::UnboundedSender;
@@ -58,6 +59,9 @@ pub(super) struct Shared {
     /// `a=mid:` and `a=ice-ufrag:` of our local description, for trickled candidates.
     local_mid: StdMutex<Option<String>>,
     local_ufrag: StdMutex<Option<String>>,
+    /// Set once our ICE transport has left `new` (its state is stored before the peer
+    /// connection's handler runs, which is what sets this).
+    ice_started: tokio::sync::watch::Sender<bool>,
     _live: LiveGuard,
 }
 
@@ -74,7 +78,29 @@ impl Shared {
             volatile: StdMutex::new(None),
             local_mid: StdMutex::new(None),
             local_ufrag: StdMutex::new(None),
+            ice_started: tokio::sync::watch::Sender::new(false),
             _live: LiveGuard::new(),
+        }
+    }
+
+    /// Our ICE transport left `new` (checking, connected, ...).
+    pub(super) fn mark_ice_started(&self) {
+        self.ice_started.send_replace(true);
+    }
+
+    /// Something that resolves once our ICE transport has left `new`, or after `within`.
+    ///
+    /// webrtc 0.17 starts DTLS as soon as ICE connects, and refuses to (for good: the
+    /// connection never opens) while the ICE transport's state still reads `new`. That state
+    /// is stored by a task of the ICE agent, and a peer nominated at once (our own
+    /// nomination rounds, or a browser) can connect the agent before that task has run. So
+    /// an answer is sent, and our nomination rounds start, only once the state has moved.
+    pub(super) fn ice_started(&self, within: Duration) -> impl Future<Output = bool> + use<> {
+        let mut rx = self.ice_started.subscribe();
+        async move {
+            tokio::time::timeout(within, rx.wait_for(|started| *started))
+                .await
+                .is_ok_and(|r| r.is_ok())
         }
     }
 
