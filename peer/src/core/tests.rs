@@ -190,7 +190,6 @@ impl World {
                     rooms: vec![RoomPeers {
                         room: "default".into(),
                         peers,
-                        more: false,
                     }],
                     max_frame: 1 << 20,
                     token: "t".into(),
