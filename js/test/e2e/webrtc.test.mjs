@@ -108,6 +108,16 @@ test("two Node peers upgrade to each other; the Rust peer in the room sees both 
   const seen = new Promise((r) => b.on("hi", (d, meta) => r([d, meta.transport])));
   a.to(ib.id).emit("hi", "over webrtc");
   assert.deepEqual(await seen, ["over webrtc", "datachannel"]);
+  // The Rust peer hears of the two Node peers through presences, which the server batches
+  // for up to 25 ms: this can all be over before they arrive. Wait for both.
+  const end = Date.now() + 10_000;
+  let known = [];
+  while (Date.now() < end) {
+    known = ((await it.cmd({ cmd: "peers", peer: "nn" })).peers ?? []).map((p) => p.id);
+    if (known.includes(ia.id) && known.includes(ib.id)) break;
+    await new Promise((ok) => setTimeout(ok, 20));
+  }
+  assert.ok(known.includes(ia.id) && known.includes(ib.id), `the Rust peer knows ${known}`);
   assert.equal((await it.cmd({ cmd: "transport", peer: "nn", to: ia.id })).transport, "Relay");
   assert.equal((await it.cmd({ cmd: "transport", peer: "nn", to: ib.id })).transport, "Relay");
 });
