@@ -620,6 +620,36 @@ async fn upgrade(url: &str, set: Settings) -> Res<Outcome> {
     })
 }
 
+/// Sends `total` bytes on a bare data channel in `DC_CHUNK` messages, keeping at most 1 MiB
+/// buffered (it waits for the 256 KiB low-water mark; `poll`, if given, bounds each wait).
+/// Returns when the sending started.
+async fn paced_send(dc: &RTCDataChannel, total: usize, poll: Option<Duration>) -> Res<Instant> {
+    const HIGH: usize = 1 << 20;
+    const LOW: usize = 256 << 10;
+    let low = Arc::new(Notify::new());
+    let l = low.clone();
+    dc.set_buffered_amount_low_threshold(LOW).await;
+    dc.on_buffered_amount_low(Box::new(move || {
+        l.notify_one();
+        Box::pin(async {})
+    }))
+    .await;
+    let chunk = Bytes::from(vec![0xa5u8; DC_CHUNK]);
+    let t0 = Instant::now();
+    for _ in 0..total / DC_CHUNK {
+        while dc.buffered_amount().await > HIGH {
+            match poll {
+                Some(d) => {
+                    let _ = tokio::time::timeout(d, low.notified()).await;
+                }
+                None => low.notified().await,
+            }
+        }
+        dc.send(&chunk).await?;
+    }
+    Ok(t0)
+}
+
 const DC_TOTAL: usize = 64 << 20;
 const DC_CHUNK: usize = 16 << 10;
 
@@ -695,8 +725,6 @@ async fn direct_signaling(pa: &RTCPeerConnection, pb: &RTCPeerConnection) -> Res
 /// 64 MiB in 16 KiB messages over a bare webrtc-rs reliable ordered channel, with
 /// `buffered_amount` backpressure; returns seconds until the receiver had every byte.
 async fn bare_webrtc_throughput() -> Res<f64> {
-    const HIGH: usize = 1 << 20;
-    const LOW: usize = 256 << 10;
     let api = loopback_api();
     let pa = Arc::new(api.new_peer_connection(RTCConfiguration::default()).await?);
     let pb = Arc::new(api.new_peer_connection(RTCConfiguration::default()).await?);
@@ -720,22 +748,7 @@ async fn bare_webrtc_throughput() -> Res<f64> {
     direct_signaling(&pa, &pb).await?;
     tokio::time::timeout(Duration::from_secs(10), open.notified()).await?;
 
-    let low = Arc::new(Notify::new());
-    let l = low.clone();
-    dc.set_buffered_amount_low_threshold(LOW).await;
-    dc.on_buffered_amount_low(Box::new(move || {
-        l.notify_one();
-        Box::pin(async {})
-    }))
-    .await;
-    let chunk = Bytes::from(vec![0xa5u8; DC_CHUNK]);
-    let t0 = Instant::now();
-    for _ in 0..DC_TOTAL / DC_CHUNK {
-        while dc.buffered_amount().await > HIGH {
-            low.notified().await;
-        }
-        dc.send(&chunk).await?;
-    }
+    let t0 = paced_send(&dc, DC_TOTAL, None).await?;
     let got = counter.wait(Duration::from_secs(10)).await;
     let secs = counter.elapsed_since(t0).as_secs_f64();
     pa.close().await?;

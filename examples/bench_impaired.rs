@@ -356,8 +356,6 @@ async fn bare_answerer(
 /// A bare pair, signaled in memory: seconds for `DC_BYTES` in 16 KiB messages (with
 /// `buffered_amount` backpressure), then echoed 32-byte round trips in ms.
 fn bare_dc(a_end: &End, b_end: &End) -> Res<(f64, Vec<f64>)> {
-    const HIGH: usize = 1 << 20;
-    const LOW: usize = 256 << 10;
     let (to_b, b_in) = unbounded_channel();
     let (to_a, a_in) = unbounded_channel();
     let (arr_tx, _arrivals) = unbounded_channel();
@@ -369,22 +367,7 @@ fn bare_dc(a_end: &End, b_end: &End) -> Res<(f64, Vec<f64>)> {
     let (pa, dc) = a_end.run(bare_offerer(to_b, a_in, echo_tx))?;
     let pb = b_end.rt.block_on(answerer)??;
     let result = a_end.run(async move {
-        let low = Arc::new(Notify::new());
-        let l = low.clone();
-        dc.set_buffered_amount_low_threshold(LOW).await;
-        dc.on_buffered_amount_low(Box::new(move || {
-            l.notify_one();
-            Box::pin(async {})
-        }))
-        .await;
-        let chunk = Bytes::from(vec![0xa5u8; DC_CHUNK]);
-        let t0 = Instant::now();
-        for _ in 0..DC_BYTES / DC_CHUNK {
-            while dc.buffered_amount().await > HIGH {
-                let _ = tokio::time::timeout(Duration::from_millis(100), low.notified()).await;
-            }
-            dc.send(&chunk).await?;
-        }
+        let t0 = paced_send(&dc, DC_BYTES, Some(Duration::from_millis(100))).await?;
         let got = counter.wait(Duration::from_secs(10)).await;
         if got < DC_BYTES {
             return Err::<_, BoxError>(
