@@ -6,7 +6,9 @@
 //! With `--static DIR` the server also serves the files of DIR under `/static/` (pages for
 //! browser tests); with `--auth-token T` it refuses connections whose `auth` payload is not
 //! `{"token": T}` (reason `bad token`); `--buffer N` sets the per-socket buffer of the
-//! server (default 4096 packets; a small one makes the server answer `Busy`).
+//! server (default 4096 packets; a small one makes the server answer `Busy`);
+//! `--welcome-members N` lists at most N members of a room in a `Welcome` (the rest in
+//! `members` pages).
 //!
 //! ```text
 //! cargo run -p socketio-p2p-examples --example interop -- [--static DIR]
@@ -168,10 +170,14 @@ struct Config {
     static_dir: Option<PathBuf>,
     auth_token: Option<String>,
     buffer: Option<usize>,
+    welcome_members: Option<usize>,
 }
 
 async fn serve(port: u16, cfg: Config) -> SocketAddr {
     let mut opts = SignalingOptions::default();
+    if let Some(n) = cfg.welcome_members {
+        opts = opts.welcome_members(n);
+    }
     if let Some(token) = cfg.auth_token {
         opts = opts.auth(move |auth| {
             if auth.get("token").and_then(Value::as_str) == Some(token.as_str()) {
@@ -778,6 +784,7 @@ async fn main() {
         static_dir: arg("--static").map(PathBuf::from),
         auth_token: arg("--auth-token"),
         buffer: arg("--buffer").and_then(|b| b.parse().ok()),
+        welcome_members: arg("--welcome-members").and_then(|b| b.parse().ok()),
     };
     let mut server = ServerTask::start(0, cfg.clone());
     let url = format!("http://{}", server.addr);

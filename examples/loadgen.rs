@@ -11,6 +11,8 @@
 //! `loadgen serve [--bare] [--redis URL --prefix P]` is the server child: it prints its port,
 //! then answers each `stat` line on stdin with `<rss KiB> <sockets>`, and exits when stdin
 //! closes. `--bare` is a plain socketioxide server that answers `hello` and keeps nothing.
+//! `LOADGEN_SERVER_MALLOC` in the environment is passed to the server children only, as
+//! `GLIBC_TUNABLES` (to try glibc malloc settings on the server's memory).
 use std::collections::HashSet;
 use std::io::Write as _;
 use std::sync::Arc;
@@ -119,7 +121,13 @@ struct Child {
 
 impl Child {
     async fn start(args: &[&str]) -> Res<Child> {
-        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        // glibc malloc settings for the server child only (not the load generator):
+        // `LOADGEN_SERVER_MALLOC=glibc.malloc.mmap_threshold=8192` and the like.
+        if let Some(t) = std::env::var_os("LOADGEN_SERVER_MALLOC") {
+            cmd.env("GLIBC_TUNABLES", t);
+        }
+        let mut child = cmd
             .arg("serve")
             .args(args)
             .stdin(std::process::Stdio::piped())
@@ -263,7 +271,30 @@ struct WelcomeIds<'a> {
 #[derive(serde::Deserialize)]
 struct RoomIds<'a> {
     #[serde(default, borrow)]
+    room: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
     peers: Vec<IdOf<'a>>,
+    /// The `Welcome` listed only the first members: the rest comes in `members` pages.
+    #[serde(default)]
+    more: bool,
+}
+
+/// A `members` page.
+#[derive(serde::Deserialize)]
+struct PageIds<'a> {
+    #[serde(default, borrow)]
+    peers: Vec<IdOf<'a>>,
+    #[serde(default)]
+    more: bool,
+}
+
+/// Members asked for per page, as our peers do.
+const MEMBERS_PAGE: usize = 256;
+
+fn members_request(rid: u64, room: &str, after: Option<&str>) -> String {
+    let req =
+        json!({"rid": rid, "op": "members", "room": room, "after": after, "limit": MEMBERS_PAGE});
+    format!("42{}", json!(["p2p:req", req]))
 }
 
 /// Peers in a presence message (one object or an array of them, as text), with true for
@@ -340,6 +371,9 @@ async fn run_client(
     };
     let mut view: HashSet<String> = HashSet::new();
     let mut counted = false;
+    // Member pages in flight: request id -> room (every client pages, as a real peer does).
+    let mut paging: std::collections::HashMap<u64, String> = Default::default();
+    let mut next_rid = 1u64;
     let check_view = |view: &HashSet<String>, counted: &mut bool| {
         if let Some((n, done)) = &watch.view
             && !*counted
@@ -391,7 +425,11 @@ async fn run_client(
                     }
                 } else if let Some(body) = t.strip_prefix("42") {
                     // Idle clients skip everything but their welcome.
-                    if ready.is_none() && watch.events.is_none() && (watch.view.is_none() || counted) {
+                    if ready.is_none()
+                        && paging.is_empty()
+                        && watch.events.is_none()
+                        && (watch.view.is_none() || counted)
+                    {
                         continue;
                     }
                     let Ok(parts) = serde_json::from_str::<Vec<&RawValue>>(body) else {
@@ -421,9 +459,42 @@ async fn run_client(
                             for p in &room.peers {
                                 view.insert(p.id.to_string());
                             }
+                            if room.more {
+                                next_rid += 1;
+                                let last = room.peers.last().map(|p| p.id.as_ref());
+                                if ws.send(Message::text(members_request(next_rid, &room.room, last))).await.is_err() {
+                                    return;
+                                }
+                                paging.insert(next_rid, room.room.to_string());
+                            }
                         }
                         check_view(&view, &mut counted);
                         let _ = r.send(Ok(welcome.id.to_string()));
+                        continue;
+                    }
+                    if !paging.is_empty() && event == "p2p:res" {
+                        let Ok(res) = serde_json::from_str::<ResponseOf<'_>>(raw) else {
+                            continue;
+                        };
+                        let Some(room) = paging.remove(&res.rid) else { continue };
+                        let Some(page) = res
+                            .ok
+                            .and_then(|ok| serde_json::from_str::<PageIds<'_>>(ok.get()).ok())
+                        else {
+                            eprintln!("members page refused: {raw}");
+                            continue;
+                        };
+                        for p in &page.peers {
+                            view.insert(p.id.to_string());
+                        }
+                        if page.more && let Some(last) = page.peers.last() {
+                            next_rid += 1;
+                            if ws.send(Message::text(members_request(next_rid, &room, Some(&last.id)))).await.is_err() {
+                                return;
+                            }
+                            paging.insert(next_rid, room);
+                        }
+                        check_view(&view, &mut counted);
                         continue;
                     }
                     if watch.view.is_some() && event == "p2p:presence" {

@@ -25,5 +25,5 @@ export type {
 } from "./p2p.js";
 export { P2PError } from "./errors.js";
 export type { P2PErrorCode } from "./errors.js";
-export type { PeerInfo, Welcome } from "./session.js";
+export type { MembersPage, PeerInfo, RoomPeers, Welcome } from "./session.js";
 export type { P2PStream, IncomingStream } from "./streams.js";

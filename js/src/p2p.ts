@@ -18,10 +18,13 @@ import {
 import { P2PError } from "./errors.js";
 import { FRAGMENT_SIZE, type Delivery, Link } from "./link.js";
 import { fromWire, isBlob, toWire } from "./payload.js";
-import { type PeerInfo, type Response, type ServerError, Session, type Welcome } from "./session.js";
+import { type MembersPage, type PeerInfo, type Response, type ServerError, Session, type Welcome } from "./session.js";
 import { Streams, type IncomingStream, type P2PStream } from "./streams.js";
 import { type Action, APP_DOWNGRADE, Negotiation, type Signal } from "./negotiate.js";
 import { RtcConn, type RTCPeerConnectionCtor } from "./rtc.js";
+
+/** Members asked for in one `members` page (the server lists 256 in a Welcome by default). */
+const MEMBERS_PAGE = 256;
 
 /** Options, named after the Rust `P2pOptions` (camel-cased). Durations are in milliseconds. */
 export interface P2POptions {
@@ -233,6 +236,8 @@ export class P2P {
   private timer: ReturnType<typeof setTimeout> | null = null;
   private timerAt = Infinity;
   private closed = false;
+  /** Counts Welcomes: member pages asked for before the latest one are ignored. */
+  private welcomes = 0;
   private pendingBlobs = 0;
   private blobChain: Promise<void> = Promise.resolve();
   private resolveReady!: (info: ReadyInfo) => void;
@@ -704,11 +709,14 @@ export class P2P {
     if (!first && !w.continued) {
       for (const p of [...this.peersById.values()]) this.forget(p, "PeerOffline", false);
     }
+    const welcome = ++this.welcomes;
     for (const r of w.rooms ?? []) {
       for (const p of r.peers) {
         listed.add(p.id);
         this.meet(p, r.room);
       }
+      // A big room: the rest comes in pages (presences meanwhile apply on top).
+      if (r.more) this.fetchMembers(r.room, r.peers.at(-1)?.id ?? null, welcome);
     }
     if (!first) {
       for (const p of this.peersById.values()) {
@@ -722,6 +730,32 @@ export class P2P {
     if (this.opts.peerUid) this.pair(this.opts.peerUid, first);
     else if (first) this.markReady();
     this.scheduleFlush();
+  }
+
+  /**
+   * Asks for the members of `room` after `after` until the server says no more (PROTOCOL.md
+   * section 3.1, `members`). Pages asked for before the latest Welcome are ignored.
+   */
+  private fetchMembers(room: string, after: string | null, welcome: number): void {
+    const fields: Record<string, unknown> = { room, limit: MEMBERS_PAGE };
+    if (after !== null) fields.after = after;
+    this.request("members", fields, { retry: false }).then(
+      (ok) => {
+        if (this.closed || welcome !== this.welcomes || !this.session.rooms.has(room)) return;
+        const page = ok as MembersPage;
+        for (const p of page.peers ?? []) this.meet(p, room);
+        const last = page.peers?.at(-1)?.id;
+        if (page.more && last !== undefined) this.fetchMembers(room, last, welcome);
+        this.scheduleFlush();
+      },
+      (e: P2PError) => {
+        if (this.closed || welcome !== this.welcomes) return;
+        // No answer in time: ask again. Lost with the connection: the next Welcome pages
+        // afresh. A refusal (we left the room meanwhile) ends it.
+        if (e.code === "Timeout") this.fetchMembers(room, after, welcome);
+        else if (e.code !== "Disconnected" && e.code !== "Closed") this.emitLocal("server-error", e);
+      },
+    );
   }
 
   private markReady(pair?: PeerInfo): void {

@@ -16,7 +16,15 @@ export interface PeerInfo {
 
 export interface RoomPeers {
   room: string;
+  /** The first members (sorted by id); with `more`, ask for the rest in `members` pages. */
   peers: PeerInfo[];
+  more?: boolean;
+}
+
+/** The answer to `members`: one page of a room's other members, sorted by id. */
+export interface MembersPage {
+  peers: PeerInfo[];
+  more: boolean;
 }
 
 export interface Welcome {

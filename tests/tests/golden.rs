@@ -473,6 +473,7 @@ fn control_messages() -> Vec<(&'static str, Value)> {
                         rooms: vec![RoomPeers {
                             room: "lobby".into(),
                             peers: vec![peer("Jb2LmP8sQwE4rT6y", Some("bob"))],
+                            more: false,
                         }],
                         max_frame: 262144,
                         token: "inst.9b1f0c7a".into(),

@@ -148,3 +148,154 @@ async fn nothing_is_missed_in_a_storm_of_joins() {
     assert_eq!(gone, want);
     assert!(wait_until(10, || async { peer_ids(&me).await.is_empty() }).await);
 }
+
+/// With a `Welcome` that lists 1 member and pages of 3, the observer pages through a room
+/// of 150 while 40 others join and 40 members leave (at once: no grace for broken
+/// connections): its view ends up exactly the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_and_leaves_during_paging_are_not_missed() {
+    const N: usize = 150;
+    const CHURN: usize = 40;
+    let opts = socketio_p2p_signaling::SignalingOptions::default()
+        .welcome_members(1)
+        .members_page(3)
+        .resume_grace(Duration::ZERO);
+    let server = spawn_server_with(opts).await;
+    let mut lights = crowd(server.addr, "paged", N, 64).await;
+    // The observer registers while the room changes under it.
+    let addr = server.addr;
+    let churn = tokio::spawn(async move { crowd(addr, "paged", CHURN, CHURN).await });
+    let leaving: Vec<Light> = lights.drain(..CHURN).collect();
+    let me = peer(&server, relay_opts().room("paged")).await;
+    drop(leaving);
+    let newcomers = churn.await.expect("churn");
+    let want: HashSet<String> = lights
+        .iter()
+        .chain(newcomers.iter())
+        .map(|l| l.id.clone())
+        .collect();
+    assert_eq!(want.len(), N);
+    assert!(
+        wait_until(20, || async { peer_ids(&me).await == want }).await,
+        "the observer sees {} peers, {} of them wrong",
+        peer_ids(&me).await.len(),
+        peer_ids(&me).await.difference(&want).count()
+    );
+    // What the server holds agrees.
+    let server_view: HashSet<String> = server
+        .signaling
+        .room_peers("paged")
+        .into_iter()
+        .map(|p| p.id)
+        .filter(|id| *id != me.id())
+        .collect();
+    assert_eq!(server_view, want);
+}
+
+/// `members` pages: the rest of a capped Welcome, in order; bad requests get typed errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_pages_and_bad_page_requests() {
+    let opts = socketio_p2p_signaling::SignalingOptions::default()
+        .welcome_members(2)
+        .members_page(4);
+    let server = spawn_server_with(opts).await;
+    let lights = crowd(server.addr, "r", 9, 9).await;
+    let mut want: Vec<String> = lights.iter().map(|l| l.id.clone()).collect();
+    want.sort();
+    let mut raw = Raw::connect(&server).await;
+    let welcome = raw.hello(None, &["r", "other"]).await;
+    let room = &welcome["rooms"][0];
+    assert_eq!(room["more"], json!(true), "{welcome}");
+    let mut seen: Vec<String> = room["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        welcome["rooms"][1]["more"],
+        Value::Null,
+        "a small room says nothing"
+    );
+    let mut rid = 10;
+    loop {
+        rid += 1;
+        let last = seen.last().cloned().unwrap();
+        // Asks for more than a page: gets a full page.
+        raw.emit(
+            "p2p:req",
+            json!({"rid": rid, "op": "members", "room": "r", "after": last, "limit": 100}),
+        )
+        .await;
+        let res = raw.expect("p2p:res").await;
+        assert_eq!(res["rid"], json!(rid));
+        let page = &res["ok"];
+        let ids: Vec<String> = page["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(ids.len() <= 4);
+        seen.extend(ids);
+        if page["more"] != json!(true) {
+            break;
+        }
+    }
+    assert_eq!(seen, want);
+    // From the start, with a limit.
+    raw.emit(
+        "p2p:req",
+        json!({"rid": 50, "op": "members", "room": "r", "limit": 3}),
+    )
+    .await;
+    let res = raw.expect("p2p:res").await;
+    let ids: Vec<&str> = res["ok"]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        want[..3].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(res["ok"]["more"], json!(true));
+    let bad = [
+        (
+            json!({"rid": 60, "op": "members", "room": "r", "limit": 0}),
+            "BadRequest",
+        ),
+        (
+            json!({"rid": 61, "op": "members", "room": "r", "limit": "all"}),
+            "BadRequest",
+        ),
+        (
+            json!({"rid": 62, "op": "members", "room": "r", "after": ""}),
+            "BadRequest",
+        ),
+        (
+            json!({"rid": 63, "op": "members", "room": "r", "after": "x".repeat(129)}),
+            "BadRequest",
+        ),
+        (json!({"rid": 64, "op": "members"}), "BadRequest"),
+        (
+            json!({"rid": 65, "op": "members", "room": "not-mine"}),
+            "UnknownRoom",
+        ),
+    ];
+    for (req, code) in bad {
+        raw.emit("p2p:req", req.clone()).await;
+        let res = raw.expect("p2p:res").await;
+        assert_eq!(res["rid"], req["rid"], "{res}");
+        assert_eq!(res["error"]["code"], json!(code), "{req} -> {res}");
+    }
+    // Not registered yet: NotRegistered.
+    let mut fresh = Raw::connect(&server).await;
+    fresh
+        .emit("p2p:req", json!({"rid": 1, "op": "members", "room": "r"}))
+        .await;
+    let res = fresh.expect("p2p:res").await;
+    assert_eq!(res["error"]["code"], json!("NotRegistered"));
+}

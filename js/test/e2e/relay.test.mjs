@@ -398,3 +398,44 @@ test("from(id).on, once, off, onAny, offAny", async () => {
   await until(() => log.length === 7);
   assert.deepEqual(log[6], ["from rust", 5]);
 });
+
+test("a Welcome capped at 2 members: the rest comes in pages, joins and leaves meanwhile count", async () => {
+  const small = await Interop.start(["--welcome-members", "2"]);
+  const crowd = [];
+  try {
+    for (let i = 0; i < 7; i++) {
+      const p = jsPeer(small.url, { rooms: ["paged"], autoUpgrade: false });
+      crowd.push(p);
+      await p.ready;
+    }
+    const rid = await small.rustPeer("rp", { rooms: ["paged"] });
+    const ids = new Map();
+    for (const p of crowd) ids.set(p, (await p.ready).id);
+    const want = new Set([...ids.values(), rid]);
+    const js = jsPeer(small.url, { rooms: ["paged"], autoUpgrade: false });
+    crowd.push(js);
+    await js.ready;
+    // One leaves and one joins while the pages are on their way.
+    const gone = crowd.shift();
+    want.delete(ids.get(gone));
+    gone.close();
+    const late = jsPeer(small.url, { rooms: ["paged"], autoUpgrade: false });
+    crowd.push(late);
+    want.add((await late.ready).id);
+    await until(() => js.peers().length === want.size && js.peers().every((p) => want.has(p.id)), 10_000, "a complete view");
+    assert.deepEqual(new Set(js.peers().map((p) => p.id)), want);
+    // The Rust peer, which joined a room of 7 (5 beyond its Welcome), paged too.
+    const everyone = new Set([...want, (await js.ready).id]);
+    everyone.delete(rid);
+    const end = Date.now() + 10_000;
+    let r = await small.cmd({ cmd: "peers", peer: "rp" });
+    while (r.peers?.length !== everyone.size && Date.now() < end) {
+      await new Promise((ok) => setTimeout(ok, 20));
+      r = await small.cmd({ cmd: "peers", peer: "rp" });
+    }
+    assert.deepEqual(new Set((r.peers ?? []).map((p) => p.id)), everyone);
+  } finally {
+    for (const p of crowd) p.close();
+    await small.stop();
+  }
+});

@@ -219,6 +219,13 @@ enum ReqKind {
     Subscribe(String, u64, Reply<u64>),
     Join(String, Reply<Json>),
     Leave(String, Reply<Json>),
+    /// A page of a room's members, after a `Welcome` (number `welcome`) that listed only
+    /// some of them: asked for after `after`.
+    Members {
+        room: String,
+        after: Option<String>,
+        welcome: u64,
+    },
     User(Reply<Json>),
 }
 
@@ -253,6 +260,8 @@ pub(crate) struct Core {
     announced: bool,
     /// Resume token from the last welcome.
     token: String,
+    /// Counts `Welcome`s: member pages asked for before the last one are ignored.
+    welcomes: u64,
     /// Rooms we are in (sent again after a reconnection).
     my_rooms: HashSet<String>,
     peers: HashMap<String, Peer>,
@@ -305,6 +314,7 @@ impl Core {
             phase: Phase::Connecting,
             announced: false,
             token: String::new(),
+            welcomes: 0,
             my_rooms: opts.effective_rooms().into_iter().collect(),
             peers: HashMap::new(),
             rtc_keys: HashMap::new(),

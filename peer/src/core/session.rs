@@ -2,8 +2,8 @@
 //! reconnection, pairing, presence, server errors, and closing.
 use serde_json::Value as Json;
 use socketio_p2p_signaling::protocol::{
-    Body, CallFor, ErrorCode, ErrorMsg, Frame, FrameEncoding, Op, PROTOCOL_VERSION, PeerInfo,
-    Presence, Publication, Request, Response, Resume, SignalFrom, Welcome, split_batch,
+    Body, CallFor, ErrorCode, ErrorMsg, Frame, FrameEncoding, MembersPage, Op, PROTOCOL_VERSION,
+    PeerInfo, Presence, Publication, Request, Response, Resume, SignalFrom, Welcome, split_batch,
 };
 
 use super::negotiate::{Action, Reason};
@@ -11,6 +11,10 @@ use super::peer::Peer;
 use super::{Core, CreditOp, NetIn, Output, Phase, ReqKind, Timer};
 use crate::error::{Cause, Error, Result};
 use crate::payload::{PeerEvent, Transport};
+
+/// Members asked for in one page (the rest of a capped `Welcome`): as many as the server
+/// lists in a `Welcome` by default, so that no message grows the socket buffers beyond it.
+const MEMBERS_PAGE: usize = 256;
 
 /// Parses a JSON message of the server, logging what does not parse.
 fn parse<T: serde::de::DeserializeOwned>(v: Json, what: &str) -> Option<T> {
@@ -219,6 +223,17 @@ impl Core {
                 }
                 Ok(_) => reply(Ok(id)),
             },
+            ReqKind::Members { room, welcome, .. } => {
+                if welcome != self.welcomes {
+                    return;
+                }
+                match result.and_then(from_json::<MembersPage>) {
+                    Ok(page) => self.on_members_page(room, page),
+                    // We left the room meanwhile, or the server refused: the view stays
+                    // what the Welcome and the presences since made it.
+                    Err(e) => tracing::warn!(%room, %e, "members page refused"),
+                }
+            }
             ReqKind::Hello => match result.and_then(from_json::<Welcome>) {
                 Ok(w) => self.on_welcome(w),
                 // Another hello of ours on this connection was (or will be) welcomed.
@@ -280,7 +295,69 @@ impl Core {
         }
     }
 
+    /// Asks for the members of `room` after `after` (the rest of a capped `Welcome`).
+    pub(super) fn request_members(&mut self, room: String, after: Option<String>) {
+        let op = Op::Members {
+            room: room.clone(),
+            after: after.clone(),
+            limit: Some(MEMBERS_PAGE),
+        };
+        let welcome = self.welcomes;
+        self.request(
+            op,
+            ReqKind::Members {
+                room,
+                after,
+                welcome,
+            },
+        );
+    }
+
+    /// A page of members: they count as listed in the `Welcome`. Presences that came in
+    /// meanwhile were applied already: the page is the room as the server saw it after
+    /// them, and the ones after it come after the page.
+    fn on_members_page(&mut self, room: String, page: MembersPage) {
+        if !self.my_rooms.contains(&room) {
+            return;
+        }
+        let last = page.peers.last().map(|p| p.id.clone());
+        for p in page.peers {
+            self.listed(&room, p);
+        }
+        if page.more {
+            if last.is_none() {
+                tracing::warn!(%room, "empty members page that says more; stopping");
+                return;
+            }
+            self.request_members(room, last);
+        } else {
+            tracing::debug!(%room, "member list complete");
+        }
+    }
+
+    /// A member of `room` the server listed (in a `Welcome` or a page): known from now on,
+    /// announced as joined when it is new to us or to us in this room.
+    fn listed(&mut self, room: &str, p: PeerInfo) {
+        let new = self.ensure_peer(&p);
+        let fresh = match self.peers.get_mut(&p.id) {
+            Some(peer) => peer.rooms.insert(room.to_owned()),
+            None => false,
+        };
+        self.deadlines.clear(&Timer::Confirm(p.id.clone()));
+        if new || fresh {
+            let id = p.id.clone();
+            self.peer_event(PeerEvent::Joined {
+                room: room.to_owned(),
+                peer: p,
+            });
+            if new && self.opts.auto_upgrade && self.announced {
+                self.start_upgrades(Some(id), None);
+            }
+        }
+    }
+
     fn on_welcome(&mut self, w: Welcome) {
+        self.welcomes += 1;
         self.deadlines.clear(&Timer::Reconnect);
         tracing::debug!(id = %w.id, continued = w.continued, rooms = ?w.rooms, "welcome");
         let again = self.registered();
@@ -299,6 +376,7 @@ impl Core {
             Phase::Ready
         };
         for room in w.rooms {
+            let last = room.peers.last().map(|p| p.id.clone());
             for p in room.peers {
                 let new = self.ensure_peer(&p);
                 if let Some(peer) = self.peers.get_mut(&p.id) {
@@ -311,6 +389,10 @@ impl Core {
                         peer: p,
                     });
                 }
+            }
+            if room.more {
+                // The rest comes in pages; presences meanwhile apply on top.
+                self.request_members(room.room, last);
             }
         }
         if again {

@@ -190,6 +190,7 @@ impl World {
                     rooms: vec![RoomPeers {
                         room: "default".into(),
                         peers,
+                        more: false,
                     }],
                     max_frame: 1 << 20,
                     token: "t".into(),

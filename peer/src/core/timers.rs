@@ -124,6 +124,17 @@ impl Core {
             ReqKind::Hello => self.finish_ready(Err(e)),
             ReqKind::Pair => self.finish_ready(Err(Error::PeerOffline("pairing timed out".into()))),
             ReqKind::Signal | ReqKind::Quiet => {}
+            ReqKind::Members {
+                room,
+                after,
+                welcome,
+            } => {
+                // Lost with a connection (the next Welcome pages afresh), or just late.
+                if welcome == self.welcomes && self.connected() {
+                    tracing::debug!(%room, "no answer to a members page; asking again");
+                    self.request_members(room, after);
+                }
+            }
             ReqKind::Provide(_, _, r) => r(Err(e)),
             ReqKind::Subscribe(topic, id, r) => {
                 self.services.remove_sub(&topic, id);

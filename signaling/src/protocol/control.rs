@@ -99,6 +99,19 @@ pub enum Op {
         /// Room name.
         room: String,
     },
+    /// One page of a room's other members, sorted by id, starting after `after` (from the
+    /// start when absent). Replies a [`MembersPage`]. A `Welcome` whose room says `more`
+    /// is completed with these pages.
+    Members {
+        /// Room name (the sender must be in it).
+        room: String,
+        /// Return members whose id sorts after this one (the last id already seen).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        /// Most members in the page (default and most: the server's `members_page`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
     /// Pair with the peer holding `peer_uid` (waits up to `timeout_ms` for it to register).
     /// Replies the peer's [`PeerInfo`].
     Pair {
@@ -367,8 +380,23 @@ pub struct IceServerInfo {
 pub struct RoomPeers {
     /// Room name.
     pub room: String,
-    /// Peers in it, without the receiver.
+    /// Peers in it, without the receiver, sorted by id. In a `Welcome`, at most the
+    /// server's `welcome_members` of them: the first ones.
     pub peers: Vec<PeerInfo>,
+    /// The room has more members than listed: ask for them with `members` pages, starting
+    /// after the last id listed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+}
+
+/// Reply to `members`: one page of a room's other members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MembersPage {
+    /// Members, sorted by id, all after the request's `after`.
+    pub peers: Vec<PeerInfo>,
+    /// More members follow the last one of this page.
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// Server → client `p2p:res`.

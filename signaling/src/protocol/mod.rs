@@ -15,6 +15,6 @@ pub use codec::{
 };
 pub use control::{
     CallError, CallFor, CallOutcome, ErrorBody, ErrorCode, ErrorMsg, FrameEncoding, IceServerInfo,
-    MAX_CANDIDATE_LEN, MAX_SDP_LEN, Op, PROTOCOL_VERSION, PeerInfo, Presence, Publication, Request,
-    Response, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
+    MAX_CANDIDATE_LEN, MAX_SDP_LEN, MembersPage, Op, PROTOCOL_VERSION, PeerInfo, Presence,
+    Publication, Request, Response, Resume, RoomPeers, Signal, SignalFrom, Welcome, events,
 };

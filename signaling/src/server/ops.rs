@@ -9,7 +9,7 @@ use super::requests::{Claimed, Ctx, Deferred, Flow, Hello, Retry, wait_claim};
 use super::state::{PendingPair, State};
 use super::{P2pSignaling, new_token};
 use crate::protocol::{
-    ErrorCode, PROTOCOL_VERSION, PeerInfo, Resume, Signal, SignalFrom, Welcome, events,
+    ErrorCode, MembersPage, PROTOCOL_VERSION, PeerInfo, Resume, Signal, SignalFrom, Welcome, events,
 };
 
 /// Which id a `hello` registers (see `protocol::Resume`).
@@ -172,7 +172,8 @@ impl P2pSignaling {
                 .into_iter()
                 .collect(),
         };
-        let text = welcome_response(st, cx.rid, &welcome, id, &h.rooms);
+        let cap = self.inner.opts.welcome_members;
+        let text = welcome_response(st, cx.rid, &welcome, id, &h.rooms, cap);
         cx.out.push_raw(&cx.me, events::RESPONSE, text);
         if let Some(away) = held.as_ref().and_then(|s| s.away()) {
             away.hand_over(&cx.me, cx.out);
@@ -240,6 +241,41 @@ impl P2pSignaling {
             return Flow::error(ErrorCode::UnknownRoom, format!("not in room {room:?}"));
         }
         Flow::ok(to_json(&cx.st.room_peers(&room, &cx.id)))
+    }
+
+    /// One page of a room's other members (see `protocol::Op::Members`).
+    pub(super) fn members_page(
+        &self,
+        cx: &mut Ctx<'_>,
+        room: String,
+        after: Option<String>,
+        limit: Option<usize>,
+    ) -> Flow {
+        let most = self.inner.opts.members_page;
+        if limit == Some(0) {
+            return Flow::error(ErrorCode::BadRequest, "limit must be at least 1");
+        }
+        // More than the server gives in one page: a full page (the client asks again).
+        let limit = limit.unwrap_or(most).min(most);
+        if let Some(a) = &after
+            && let Err(e) = self.check_name("after", a)
+        {
+            return Flow::Reply(Err(e));
+        }
+        if !cx
+            .st
+            .conns
+            .get(&cx.id)
+            .is_some_and(|c| c.rooms.contains(&room))
+        {
+            return Flow::error(ErrorCode::UnknownRoom, format!("not in room {room:?}"));
+        }
+        let (page, more) = cx.st.room_page(&room, &cx.id, after.as_deref(), limit);
+        let page = MembersPage {
+            peers: page.into_iter().cloned().collect(),
+            more,
+        };
+        Flow::ok(to_json(&page))
     }
 
     /// Pair with the peer holding `peer_uid`, now or once it registers.
@@ -336,7 +372,15 @@ impl P2pSignaling {
 /// The response to a `hello`, as text: `welcome` with the member lists of `rooms` written
 /// straight from the state (a room of thousands is one pass over it, no JSON tree).
 /// Every other field of `welcome` is serialized as usual.
-fn welcome_response(st: &State, rid: u64, welcome: &Welcome, id: &str, rooms: &[String]) -> String {
+/// Each room lists at most `cap` members, with `"more":true` when it has others.
+fn welcome_response(
+    st: &State,
+    rid: u64,
+    welcome: &Welcome,
+    id: &str,
+    rooms: &[String],
+    cap: usize,
+) -> String {
     let mut out = String::with_capacity(256 + 32 * rooms.len());
     out.push_str("{\"rid\":");
     out.push_str(&rid.to_string());
@@ -367,7 +411,9 @@ fn welcome_response(st: &State, rid: u64, welcome: &Welcome, id: &str, rooms: &[
         out.push_str("{\"room\":");
         super::state::write_str(room, &mut out);
         out.push_str(",\"peers\":");
-        st.write_room_peers(room, id, &mut out);
+        if st.write_room_peers(room, id, cap, &mut out) {
+            out.push_str(",\"more\":true");
+        }
         out.push('}');
     }
     out.push_str("]}}");
@@ -430,6 +476,7 @@ mod tests {
                 .map(|r| RoomPeers {
                     room: r.clone(),
                     peers: st.room_peers(r, "me"),
+                    more: false,
                 })
                 .collect(),
             max_frame: 1234,
@@ -446,7 +493,7 @@ mod tests {
             ok: Some(to_json(&welcome)),
             error: None,
         });
-        let text = welcome_response(&st, 7, &welcome, "me", &rooms);
+        let text = welcome_response(&st, 7, &welcome, "me", &rooms, usize::MAX);
         let got: Json = serde_json::from_str(&text).unwrap();
         assert_eq!(got, want);
         assert_eq!(
@@ -455,5 +502,49 @@ mod tests {
         );
         let back: Welcome = serde_json::from_value(got["ok"].clone()).unwrap();
         assert_eq!(back.rooms.len(), 3);
+    }
+
+    /// A capped `Welcome` lists the first members and says `more`; pages after the last
+    /// id listed give the rest, each once, and the last page says no more.
+    #[test]
+    fn capped_welcome_and_pages_cover_the_room() {
+        let mut st = State::default();
+        add(&mut st, "m5", None, &["r"]);
+        let ids: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+        for id in &ids {
+            add(&mut st, id, None, &["r"]);
+        }
+        let welcome = Welcome {
+            id: "m5".into(),
+            uid: None,
+            rooms: Vec::new(),
+            max_frame: 1,
+            token: String::new(),
+            continued: false,
+            ice_servers: Vec::new(),
+        };
+        let rooms = vec!["r".to_owned()];
+        let text = welcome_response(&st, 1, &welcome, "m5", &rooms, 4);
+        let got: Json = serde_json::from_str(&text).unwrap();
+        let back: Welcome = serde_json::from_value(got["ok"].clone()).unwrap();
+        let first: Vec<String> = back.rooms[0].peers.iter().map(|p| p.id.clone()).collect();
+        assert_eq!(first, ids[..4]);
+        assert!(back.rooms[0].more);
+        let mut seen = first;
+        loop {
+            let last = seen.last().cloned();
+            let (page, more) = st.room_page("r", "m5", last.as_deref(), 3);
+            seen.extend(page.iter().map(|p| p.id.clone()));
+            if !more {
+                break;
+            }
+            assert_eq!(page.len(), 3);
+        }
+        assert_eq!(seen, ids);
+        // A cap the room fits in says nothing of more.
+        let text = welcome_response(&st, 1, &welcome, "m5", &rooms, 10);
+        assert!(!text.contains("more"));
+        let (page, more) = st.room_page("r", "m5", Some("p9"), 3);
+        assert!(page.is_empty() && !more);
     }
 }

@@ -32,6 +32,8 @@ pub struct SignalingOptions {
     pub(super) byte_rate: (u64, u64),
     pub(super) max_strikes: u32,
     pub(super) max_rooms_per_peer: usize,
+    pub(super) welcome_members: usize,
+    pub(super) members_page: usize,
     pub(super) max_name_len: usize,
     pub(super) resume_grace: Duration,
     pub(super) away_queue: usize,
@@ -54,6 +56,8 @@ impl Default for SignalingOptions {
             byte_rate: (128 << 20, 256 << 20),
             max_strikes: 200,
             max_rooms_per_peer: 64,
+            welcome_members: 256,
+            members_page: 1024,
             max_name_len: 128,
             resume_grace: Duration::from_secs(5),
             away_queue: 256,
@@ -135,6 +139,19 @@ impl SignalingOptions {
     /// Most rooms one peer may be in (default 64).
     pub fn max_rooms_per_peer(mut self, n: usize) -> Self {
         self.max_rooms_per_peer = n;
+        self
+    }
+    /// Most members of one room listed in a `Welcome` (default 256): the first ones by id,
+    /// with `more` set when there are others, which the peer then asks for in `members`
+    /// pages. Keeps the `Welcome` (and the socket buffers it grows) small in big rooms.
+    pub fn welcome_members(mut self, n: usize) -> Self {
+        self.welcome_members = n;
+        self
+    }
+    /// Largest `members` page (default 1024; also the size of a page whose request gives
+    /// no `limit`). A request for more gets this many; a `limit` of 0 gets `BadRequest`.
+    pub fn members_page(mut self, n: usize) -> Self {
+        self.members_page = n.max(1);
         self
     }
     /// Accept or refuse connections from their connect `auth` payload.

@@ -371,6 +371,7 @@ impl P2pSignaling {
             Op::Join { room } => self.join(cx, &me, room),
             Op::Leave { room } => self.leave(cx, &me, room),
             Op::Peers { room } => self.peers_of(cx, room),
+            Op::Members { room, after, limit } => self.members_page(cx, room, after, limit),
             Op::Pair {
                 peer_uid,
                 timeout_ms,

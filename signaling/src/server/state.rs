@@ -226,25 +226,55 @@ impl State {
             .collect()
     }
 
-    /// The same list as [`State::room_peers`], written as a JSON array onto `out` (no
-    /// copies of the members, no JSON tree: a room of thousands costs one pass).
-    pub(crate) fn write_room_peers(&self, room: &str, except: &str, out: &mut String) {
-        out.push('[');
-        let mut first = true;
-        for id in self.rooms.get(room).into_iter().flatten() {
+    /// One page of [`State::room_peers`]: at most `limit` members whose id sorts after
+    /// `after` (all when `None`), and whether more follow the last one.
+    pub(crate) fn room_page(
+        &self,
+        room: &str,
+        except: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<&PeerInfo>, bool) {
+        use std::ops::Bound;
+        let Some(members) = self.rooms.get(room) else {
+            return (Vec::new(), false);
+        };
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page = Vec::with_capacity(limit.min(members.len()));
+        for id in members.range::<str, _>((from, Bound::Unbounded)) {
             if id.as_str() == except {
                 continue;
             }
             let Some(info) = self.conns.get(id).and_then(|c| c.info.as_ref()) else {
                 continue;
             };
-            if !first {
+            if page.len() == limit {
+                return (page, true);
+            }
+            page.push(info);
+        }
+        (page, false)
+    }
+
+    /// The first `limit` members of [`State::room_peers`], written as a JSON array onto
+    /// `out` (no copies of the members, no JSON tree); true when more follow.
+    pub(crate) fn write_room_peers(
+        &self,
+        room: &str,
+        except: &str,
+        limit: usize,
+        out: &mut String,
+    ) -> bool {
+        let (page, more) = self.room_page(room, except, None, limit);
+        out.push('[');
+        for (i, info) in page.into_iter().enumerate() {
+            if i > 0 {
                 out.push(',');
             }
-            first = false;
             write_peer(info, out);
         }
         out.push(']');
+        more
     }
 
     /// Sockets of the other registered peers of `room`, without `except`.
