@@ -499,10 +499,10 @@ export class P2P {
 
   /** Joins a room; resolves with its other members. */
   async join(room: string): Promise<PeerInfo[]> {
-    const members = (await this.request("join", { room })) as PeerInfo[];
-    this.session.rooms.add(room);
-    for (const p of members) this.meet(p, room);
-    return members;
+    return (await this.request("join", { room }, {}, (ok) => {
+      this.session.rooms.add(room);
+      for (const p of ok as PeerInfo[]) this.meet(p, room);
+    })) as PeerInfo[];
   }
 
   async leave(room: string): Promise<void> {
@@ -518,14 +518,28 @@ export class P2P {
     return (await this.request("peers", { room })) as PeerInfo[];
   }
 
-  private request(op: string, fields: Record<string, unknown>, opts: { timeout?: number; retry?: boolean } = {}): Promise<unknown> {
+  /**
+   * Sends a request. `apply` runs on the answer at once, in the socket's order: a promise's
+   * `then` would run only after the events that arrived with the answer, so a member that
+   * the server listed and then announced gone would come back.
+   */
+  private request(
+    op: string,
+    fields: Record<string, unknown>,
+    opts: { timeout?: number; retry?: boolean } = {},
+    apply?: (ok: unknown) => void,
+  ): Promise<unknown> {
     if (this.closed) return Promise.reject(new P2PError("Closed", "this P2P is closed"));
     return new Promise((resolve, reject) => {
+      const answered = (ok: unknown) => {
+        if (apply && !this.closed) apply(ok);
+        resolve(ok);
+      };
       const req = this.session.request(
         op,
         fields,
         now(),
-        { resolve, reject: (e) => reject(toError(e)) },
+        { resolve: answered, reject: (e) => reject(toError(e)) },
         { timeout: (opts.timeout ?? 0) + (this.opts.requestTimeout ?? 10_000), retry: opts.retry },
       );
       if (req) this.socket.emit("p2p:req", req);
@@ -739,15 +753,16 @@ export class P2P {
   private fetchMembers(room: string, after: string | null, welcome: number): void {
     const fields: Record<string, unknown> = { room, limit: MEMBERS_PAGE };
     if (after !== null) fields.after = after;
-    this.request("members", fields, { retry: false }).then(
-      (ok) => {
-        if (this.closed || welcome !== this.welcomes || !this.session.rooms.has(room)) return;
-        const page = ok as MembersPage;
-        for (const p of page.peers ?? []) this.meet(p, room);
-        const last = page.peers?.at(-1)?.id;
-        if (page.more && last !== undefined) this.fetchMembers(room, last, welcome);
-        this.scheduleFlush();
-      },
+    const apply = (ok: unknown) => {
+      if (welcome !== this.welcomes || !this.session.rooms.has(room)) return;
+      const page = ok as MembersPage;
+      for (const p of page.peers ?? []) this.meet(p, room);
+      const last = page.peers?.at(-1)?.id;
+      if (page.more && last !== undefined) this.fetchMembers(room, last, welcome);
+      this.scheduleFlush();
+    };
+    this.request("members", fields, { retry: false }, apply).then(
+      () => {},
       (e: P2PError) => {
         if (this.closed || welcome !== this.welcomes) return;
         // No answer in time: ask again. Lost with the connection: the next Welcome pages

@@ -422,7 +422,12 @@ test("a Welcome capped at 2 members: the rest comes in pages, joins and leaves m
     const late = jsPeer(small.url, { rooms: ["paged"], autoUpgrade: false });
     crowd.push(late);
     want.add((await late.ready).id);
-    await until(() => js.peers().length === want.size && js.peers().every((p) => want.has(p.id)), 10_000, "a complete view");
+    await until(() => js.peers().length === want.size && js.peers().every((p) => want.has(p.id)), 10_000, "a complete view").catch((e) => {
+      const have = new Set(js.peers().map((p) => p.id));
+      const missing = [...want].filter((id) => !have.has(id));
+      const extra = [...have].filter((id) => !want.has(id));
+      throw new Error(`${e.message}: missing ${missing.join(",")}; extra ${extra.join(",")}`);
+    });
     assert.deepEqual(new Set(js.peers().map((p) => p.id)), want);
     // The Rust peer, which joined a room of 7 (5 beyond its Welcome), paged too.
     const everyone = new Set([...want, (await js.ready).id]);

@@ -10,11 +10,14 @@ use crate::protocol::{ErrorBody, ErrorCode, ErrorMsg, Presence, Response, events
 /// Outgoing messages collected under the lock and sent after it.
 #[derive(Default)]
 pub(super) struct Outbox {
+    /// For sockets that do not queue (away peers, other nodes): sent at `flush`.
     msgs: Vec<(Arc<dyn PeerSocket>, Outgoing)>,
+    /// Sockets that queued something (see [`PeerSocket::enqueue`]), to send at `flush`.
+    queued: Vec<Arc<dyn PeerSocket>>,
 }
 
 /// One outgoing control message.
-pub(super) enum Outgoing {
+pub(crate) enum Outgoing {
     Json(&'static str, Json),
     /// A presence, serialized once for all its recipients.
     Presence(Arc<str>),
@@ -36,23 +39,41 @@ impl Outbox {
         } else {
             Outgoing::Json(event, data)
         };
-        self.msgs.push((to.clone(), msg));
+        self.add(to.clone(), msg);
+    }
+    /// Queues `msg` on `to` now (the order the state decided it in), or keeps it for
+    /// `flush` when `to` does not queue.
+    fn add(&mut self, to: Arc<dyn PeerSocket>, msg: Outgoing) {
+        match to.enqueue(msg) {
+            Ok(()) => {
+                let same = self
+                    .queued
+                    .last()
+                    .is_some_and(|l| std::ptr::addr_eq(Arc::as_ptr(l), Arc::as_ptr(&to)));
+                if !same {
+                    self.queued.push(to);
+                }
+            }
+            Err(msg) => self.msgs.push((to, msg)),
+        }
     }
     /// Queues `text` (serialized JSON) for `to` on `event`; dropped if it is not JSON.
     pub(super) fn push_raw(&mut self, to: &Arc<dyn PeerSocket>, event: &'static str, text: String) {
         match serde_json::value::RawValue::from_string(text) {
-            Ok(raw) => self.msgs.push((to.clone(), Outgoing::Raw(event, raw))),
+            Ok(raw) => self.add(to.clone(), Outgoing::Raw(event, raw)),
             Err(e) => tracing::warn!(%e, event, "not sent: bad JSON"),
         }
     }
     pub(super) fn publication(&mut self, to: Arc<dyn PeerSocket>, topic: &Arc<str>, data: Json) {
-        self.msgs
-            .push((to, Outgoing::Publication(topic.clone(), data)));
+        self.add(to, Outgoing::Publication(topic.clone(), data));
     }
     pub(super) fn presence(&mut self, to: Arc<dyn PeerSocket>, text: &Arc<str>) {
-        self.msgs.push((to, Outgoing::Presence(text.clone())));
+        self.add(to, Outgoing::Presence(text.clone()));
     }
     pub(super) fn flush(self) {
+        for socket in self.queued {
+            socket.send_queued();
+        }
         for (socket, msg) in self.msgs {
             let (event, sent) = match msg {
                 Outgoing::Presence(text) => (events::PRESENCE, socket.emit_presence(text)),

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use serde_json::Value as Json;
@@ -15,6 +15,7 @@ use socketioxide::socket::Socket;
 use socketioxide_core::Value;
 
 use super::P2pSignaling;
+use super::outbox::Outgoing;
 use super::state::{EmitFail, PeerSocket};
 use crate::protocol::{FrameEncoding, batch_from_base64, batch_to_base64, events};
 
@@ -22,17 +23,32 @@ use crate::protocol::{FrameEncoding, batch_from_base64, batch_to_base64, events}
 pub(super) struct LocalSocket<A: Adapter> {
     socket: SocketRef<A>,
     base64: AtomicBool,
-    /// Presence waiting to go out as one batch, when the client asked for batches.
-    presence: Option<Arc<PresenceQueue>>,
+    /// Control messages the state queued for this client (see [`SendQueue`]).
+    queue: Arc<SendQueue>,
     /// Publications per topic this client missed since its last one (its buffer was full).
     missed: Arc<Mutex<HashMap<String, u64>>>,
 }
 
-/// Presences queued for one socket (see [`PeerSocket::emit_presence`]).
+/// The control messages for one client, in the order the state decided them.
+///
+/// The state queues them under its lock ([`PeerSocket::enqueue`]) and they are sent after
+/// it is released. Whoever sends (the outbox after the lock, the presence timer, a frame
+/// batch or an error for this client from another thread) holds the queue while it emits,
+/// so nothing overtakes what was queued before it: a member page computed before a peer
+/// left goes out before that peer's `disconnected`, even when the leave is handled on
+/// another thread and sent first.
 #[derive(Default)]
-struct PresenceQueue {
-    on: AtomicBool,
-    queue: Mutex<Vec<Arc<str>>>,
+struct SendQueue {
+    /// The client asked for presence batches (`batch_presence` in `hello`).
+    batch_presence: AtomicBool,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    msgs: Vec<Outgoing>,
+    /// How many of `msgs` are not presences: presences alone may wait for company.
+    others: usize,
 }
 
 /// Most presences in one batch, so that no message grows big (socket buffers keep the size
@@ -43,15 +59,73 @@ const PRESENCE_BATCH: usize = 64;
 /// client sends it first).
 const PRESENCE_DELAY: std::time::Duration = std::time::Duration::from_millis(25);
 
-impl PresenceQueue {
-    /// Sends what is queued, in batches of at most `PRESENCE_BATCH`. The queue stays locked
-    /// until they are handed to the socket: an emit on another thread (the delayed flush,
-    /// or a frame for this client) waits for them, so nothing overtakes a presence.
-    fn flush<A: Adapter>(&self, socket: &SocketRef<A>) -> Result<(), EmitFail> {
-        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let queued = std::mem::take(&mut *queue);
-        let mut result = Ok(());
-        for chunk in queued.chunks(PRESENCE_BATCH) {
+impl<A: Adapter> LocalSocket<A> {
+    /// Another handle on the same client, sharing its queue.
+    fn twin(&self) -> Self {
+        LocalSocket {
+            socket: self.socket.clone(),
+            base64: AtomicBool::new(self.base64.load(Ordering::Relaxed)),
+            queue: self.queue.clone(),
+            missed: self.missed.clone(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        self.queue.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends everything queued, and keeps the queue locked for the caller's own emit.
+    fn drained(&self) -> MutexGuard<'_, Held> {
+        let mut held = self.lock();
+        if !held.msgs.is_empty() {
+            held.others = 0;
+            let msgs = std::mem::take(&mut held.msgs);
+            self.emit_all(msgs);
+        }
+        held
+    }
+
+    /// Emits `msgs` in order; runs of presences go as batches when the client asked.
+    fn emit_all(&self, msgs: Vec<Outgoing>) {
+        let mut run: Vec<Arc<str>> = Vec::new();
+        for m in msgs {
+            let (event, sent) = match m {
+                Outgoing::Presence(text) => {
+                    run.push(text);
+                    continue;
+                }
+                Outgoing::Json(event, data) => {
+                    self.emit_presences(&mut run);
+                    (event, self.socket.emit(event, &data).map_err(map_send_error))
+                }
+                Outgoing::Raw(event, data) => {
+                    self.emit_presences(&mut run);
+                    (event, self.socket.emit(event, &data).map_err(map_send_error))
+                }
+                Outgoing::Publication(topic, data) => {
+                    self.emit_presences(&mut run);
+                    (events::TOPIC, self.publish_now(&topic, &data))
+                }
+            };
+            if let Err(e) = sent {
+                tracing::debug!(?e, event, "could not deliver control message");
+            }
+        }
+        self.emit_presences(&mut run);
+    }
+
+    /// Emits a run of presences: batches of at most `PRESENCE_BATCH` for a client that
+    /// asked for them, one event each otherwise.
+    fn emit_presences(&self, run: &mut Vec<Arc<str>>) {
+        if run.is_empty() {
+            return;
+        }
+        let size = if self.queue.batch_presence.load(Ordering::Relaxed) {
+            PRESENCE_BATCH
+        } else {
+            1
+        };
+        for chunk in run.chunks(size) {
             let text = if let [one] = chunk {
                 one.to_string()
             } else {
@@ -67,39 +141,25 @@ impl PresenceQueue {
             let Ok(raw) = RawValue::from_string(text) else {
                 continue;
             };
-            if let Err(e) = socket.emit(events::PRESENCE, &raw) {
-                result = Err(map_send_error(e));
+            if let Err(e) = self.socket.emit(events::PRESENCE, &raw) {
+                tracing::debug!(?e, "could not deliver presence");
             }
         }
-        result
+        run.clear();
     }
-}
 
-impl<A: Adapter> LocalSocket<A> {
-    /// Sends queued presence first: nothing may overtake it.
-    fn flush_presence(&self) {
-        if let Some(q) = &self.presence
-            && q.on.load(Ordering::Relaxed)
-        {
-            let _ = q.flush(&self.socket);
-        }
-    }
-}
-
-impl<A: Adapter> PeerSocket for LocalSocket<A> {
-    fn disconnect(&self) {
-        let _ = self.socket.clone().disconnect();
-    }
-    fn emit_publication(&self, topic: &str, data: &Json) -> Result<(), EmitFail> {
+    /// Emits one publication, with the count of those this client missed before it.
+    fn publish_now(&self, topic: &str, data: &Json) -> Result<(), EmitFail> {
         let mut missed = self.missed.lock().unwrap_or_else(|e| e.into_inner());
         let before = missed.get(topic).copied().unwrap_or(0);
         let sent = if before == 0 {
-            self.emit_json(events::TOPIC, data)
+            self.socket.emit(events::TOPIC, data)
         } else {
             let mut d = data.clone();
             d["missed"] = Json::from(before);
-            self.emit_json(events::TOPIC, &d)
-        };
+            self.socket.emit(events::TOPIC, &d)
+        }
+        .map_err(map_send_error);
         match sent {
             Ok(()) => {
                 missed.remove(topic);
@@ -110,44 +170,55 @@ impl<A: Adapter> PeerSocket for LocalSocket<A> {
         }
         sent
     }
-    fn emit_presence(&self, data: Arc<str>) -> Result<(), EmitFail> {
-        let Some(q) = self
-            .presence
-            .as_ref()
-            .filter(|q| q.on.load(Ordering::Relaxed))
-        else {
-            return match RawValue::from_string(data.to_string()) {
-                Ok(raw) => self
-                    .socket
-                    .emit(events::PRESENCE, &raw)
-                    .map_err(map_send_error),
-                Err(_) => Ok(()),
-            };
-        };
-        let first = {
-            let mut queue = q.queue.lock().unwrap_or_else(|e| e.into_inner());
-            queue.push(data);
-            queue.len() == 1
-        };
-        if first {
+}
+
+impl<A: Adapter> PeerSocket for LocalSocket<A> {
+    fn disconnect(&self) {
+        let _ = self.socket.clone().disconnect();
+    }
+    fn enqueue(&self, msg: Outgoing) -> Result<(), Outgoing> {
+        let presence = matches!(msg, Outgoing::Presence(_));
+        let mut held = self.lock();
+        let first = held.msgs.is_empty();
+        held.others += usize::from(!presence);
+        held.msgs.push(msg);
+        drop(held);
+        if first && presence && self.queue.batch_presence.load(Ordering::Relaxed) {
             // Send the queue once the current burst of requests had a chance to add to it
             // (a burst of joins to one room: each member gets a few batches, not one
             // event per joiner).
-            let (q, socket) = (q.clone(), self.socket.clone());
+            let me = self.twin();
             tokio::spawn(async move {
                 tokio::time::sleep(PRESENCE_DELAY).await;
-                let _ = q.flush(&socket);
+                drop(me.drained());
             });
         }
         Ok(())
     }
-    fn set_batch_presence(&self, on: bool) {
-        if let Some(q) = &self.presence {
-            q.on.store(on, Ordering::Relaxed);
+    fn send_queued(&self) {
+        let mut held = self.lock();
+        if held.others == 0 && self.queue.batch_presence.load(Ordering::Relaxed) {
+            // Presences alone: the timer sends them with whatever joins them meanwhile.
+            return;
         }
+        held.others = 0;
+        let msgs = std::mem::take(&mut held.msgs);
+        self.emit_all(msgs);
+    }
+    fn emit_publication(&self, topic: &str, data: &Json) -> Result<(), EmitFail> {
+        let _held = self.drained();
+        self.publish_now(topic, data)
+    }
+    fn emit_presence(&self, data: Arc<str>) -> Result<(), EmitFail> {
+        let _ = self.enqueue(Outgoing::Presence(data));
+        self.send_queued();
+        Ok(())
+    }
+    fn set_batch_presence(&self, on: bool) {
+        self.queue.batch_presence.store(on, Ordering::Relaxed);
     }
     fn emit_frames(&self, batch: Bytes, _frames: usize) -> Result<(), EmitFail> {
-        self.flush_presence();
+        let _held = self.drained();
         if self.base64.load(Ordering::Relaxed) {
             self.socket
                 .emit(events::FRAME, &batch_to_base64(&batch))
@@ -159,20 +230,15 @@ impl<A: Adapter> PeerSocket for LocalSocket<A> {
         }
     }
     fn emit_json(&self, event: &'static str, data: &Json) -> Result<(), EmitFail> {
-        self.flush_presence();
+        let _held = self.drained();
         self.socket.emit(event, data).map_err(map_send_error)
     }
     fn emit_raw(&self, event: &'static str, data: &RawValue) -> Result<(), EmitFail> {
-        self.flush_presence();
+        let _held = self.drained();
         self.socket.emit(event, data).map_err(map_send_error)
     }
     fn detached(&self) -> Option<Arc<dyn PeerSocket>> {
-        Some(Arc::new(LocalSocket {
-            socket: self.socket.clone(),
-            base64: AtomicBool::new(self.base64.load(Ordering::Relaxed)),
-            presence: self.presence.clone(),
-            missed: self.missed.clone(),
-        }))
+        Some(Arc::new(self.twin()))
     }
     fn set_encoding(&self, encoding: FrameEncoding) {
         self.base64
@@ -193,7 +259,7 @@ pub(super) fn arc_of<A: Adapter>(s: &SocketRef<A>) -> Arc<dyn PeerSocket> {
     Arc::new(LocalSocket {
         socket: s.clone(),
         base64: AtomicBool::new(false),
-        presence: Some(Arc::default()),
+        queue: Arc::default(),
         missed: Arc::default(),
     })
 }
@@ -261,7 +327,7 @@ impl<A: Adapter> FromMessageParts<A> for FrameDone {
             let me = LocalSocket {
                 socket: me,
                 base64: AtomicBool::new(false),
-                presence: None,
+                queue: Arc::default(),
                 missed: Arc::default(),
             };
             sig.relay_batch(&me, &s.id.to_string(), data, true);

@@ -60,6 +60,14 @@ pub(crate) trait PeerSocket: Send + Sync {
     fn away(&self) -> Option<&super::away::AwaySocket> {
         None
     }
+    /// Queues `msg` on this socket, in the order of the calls (made under the state lock),
+    /// for [`PeerSocket::send_queued`] after the lock; gives it back if this socket does
+    /// not queue (then the outbox sends it itself).
+    fn enqueue(&self, msg: super::outbox::Outgoing) -> Result<(), super::outbox::Outgoing> {
+        Err(msg)
+    }
+    /// Sends what [`PeerSocket::enqueue`] queued (presences alone may wait for company).
+    fn send_queued(&self) {}
     /// Closes the connection (a flooding client): local sockets only.
     fn disconnect(&self) {}
     /// A handle on this socket that can be kept for later (local sockets only).
