@@ -214,7 +214,7 @@ async fn start_signaling(nodelay: bool) -> Res<u16> {
 
 /// The same on `ip`.
 async fn start_signaling_at(ip: IpAddr, nodelay: bool) -> Res<u16> {
-    let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
+    let (layer, io) = P2pSignaling::socketio().build_layer();
     P2pSignaling::new(SignalingOptions::default()).attach(&io);
     serve_at(ip, layer, nodelay).await
 }

@@ -8,9 +8,12 @@
 //! stdout, progress on stderr). The `cluster` scenario starts a `redis-server` of its own on a
 //! free loopback port.
 //!
-//! `loadgen serve [--bare] [--redis URL --prefix P]` is the server child: it prints its port,
-//! then answers each `stat` line on stdin with `<rss KiB> <sockets>`, and exits when stdin
-//! closes. `--bare` is a plain socketioxide server that answers `hello` and keeps nothing.
+//! `loadgen serve [--bare] [--redis URL --prefix P] [--unlimited-requests]` is the server
+//! child: it prints its port, then answers each `stat` line on stdin with
+//! `<rss KiB> <sockets>`, and exits when stdin closes. `--bare` is a plain socketioxide
+//! server that answers `hello` and keeps nothing. Ours is built as the README builds it
+//! (`P2pSignaling::socketio()`), with default options except that `signaling_rate` lifts
+//! the per-socket request budget (its raw clients send ~2,000 signals/s each).
 //! `LOADGEN_SERVER_MALLOC` in the environment is passed to the server children only, as
 //! `GLIBC_TUNABLES` (to try glibc malloc settings on the server's memory).
 use std::collections::HashSet;
@@ -62,7 +65,12 @@ async fn serve_child(args: &[String]) -> Res<()> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    let (layer, io) = SocketIo::builder().max_buffer_size(4096).build_layer();
+    // Ours with the settings the signaling crate gives; the bare one with socketioxide's.
+    let (layer, io) = if bare {
+        SocketIo::builder().max_buffer_size(4096).build_layer()
+    } else {
+        P2pSignaling::socketio().build_layer()
+    };
     if bare {
         // The handler is registered in a connect middleware, as `P2pSignaling` does, so that
         // it exists before the client can send its hello.
@@ -85,7 +93,13 @@ async fn serve_child(args: &[String]) -> Res<()> {
             .await?
             .attach(&io);
     } else {
-        P2pSignaling::new(SignalingOptions::default()).attach(&io);
+        let mut opts = SignalingOptions::default();
+        if args.iter().any(|a| a == "--unlimited-requests") {
+            // `signaling_rate`: each raw client sends far more control requests per second
+            // than a peer would (the default budget is 500/s per socket).
+            opts = opts.request_rate(1_000_000, 1_000_000);
+        }
+        P2pSignaling::new(opts).attach(&io);
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
@@ -576,9 +590,11 @@ struct Memory {
     kib_per_peer: f64,
     hellos_per_s: f64,
     after_leave_ratio: f64,
+    /// RSS after a second crowd left, over the RSS after the first one left.
+    second_round_ratio: Option<f64>,
 }
 
-async fn memory(bare: bool, n: usize, room_size: usize) -> Res<Memory> {
+async fn memory(bare: bool, n: usize, room_size: usize, second_round: bool) -> Res<Memory> {
     let mut child = Child::start(if bare { &["--bare"] } else { &[] }).await?;
     // Warm up (lazy statics, first allocations), then the baseline.
     let (warm, _) = connect_many(10, CONNECTING, |i| {
@@ -603,25 +619,43 @@ async fn memory(bare: bool, n: usize, room_size: usize) -> Res<Memory> {
     let full = child.settle(n, 30).await?;
     clients.iter().for_each(Client::close);
     let after = child.settle(0, 30).await?;
-    child.stop().await;
     drop(clients);
+    // The same crowd again: a leak grows the RSS a second time, while memory the allocator
+    // kept for itself after the first crowd left is reused.
+    let mut second_round_ratio = None;
+    if second_round {
+        let (clients, _) = connect_many(n, CONNECTING, |i| {
+            (
+                addr.clone(),
+                hello(&[format!("room-{}", i / room_size)], None),
+                Watch::default(),
+            )
+        })
+        .await?;
+        child.settle(n, 30).await?;
+        clients.iter().for_each(Client::close);
+        let again = child.settle(0, 30).await?;
+        second_round_ratio = Some(again as f64 / after as f64);
+    }
+    child.stop().await;
     Ok(Memory {
         kib_per_peer: (full as f64 - before as f64) / n as f64,
         hellos_per_s: n as f64 / took.as_secs_f64(),
         after_leave_ratio: after as f64 / before as f64,
+        second_round_ratio,
     })
 }
 
 async fn server_scale() -> Res<Outcome> {
     const N: usize = 10_000;
-    let ours = memory(false, N, 100).await?;
+    let ours = memory(false, N, 100, true).await?;
     eprintln!(
         "server_scale: ours {:.1} KiB/peer, {:.0} hellos/s",
         ours.kib_per_peer, ours.hellos_per_s
     );
-    let bare = memory(true, N, 100).await?;
+    let bare = memory(true, N, 100, false).await?;
     eprintln!("server_scale: bare {:.1} KiB/peer", bare.kib_per_peer);
-    let big = memory(false, 2000, 2000).await?;
+    let big = memory(false, 2000, 2000, false).await?;
     eprintln!(
         "server_scale: room of 2000 {:.1} KiB/peer",
         big.kib_per_peer
@@ -641,6 +675,10 @@ async fn server_scale() -> Res<Outcome> {
             (
                 "rss_after_leave_ratio",
                 json!(round(ours.after_leave_ratio, 3)),
+            ),
+            (
+                "rss_after_second_round_ratio",
+                json!(ours.second_round_ratio.map(|r| round(r, 3))),
             ),
             ("room2000_kib_per_peer", json!(round(big.kib_per_peer, 1))),
             ("room2000_hellos_per_s", json!(big.hellos_per_s.round())),
@@ -686,7 +724,7 @@ fn sdp(t: u64) -> String {
 async fn signaling_rate() -> Res<Outcome> {
     const PAIRS: usize = 20;
     const RUN: Duration = Duration::from_secs(5);
-    let mut child = Child::start(&[]).await?;
+    let mut child = Child::start(&["--unlimited-requests"]).await?;
     let epoch = Instant::now();
     let addr = child.addr.clone();
     let mut rxs = Vec::new();
@@ -729,7 +767,7 @@ async fn signaling_rate() -> Res<Outcome> {
             };
             async fn sig(rx: &mut mpsc::UnboundedReceiver<Ev>, epoch: Instant, lat: &mut Vec<u64>) -> Res<Value> {
                 loop {
-                    let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?.ok_or("closed")?;
+                    let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.map_err(|_| "no signal within 10 s (a refused request goes to its sender)")?.ok_or("closed")?;
                     if ev.event == "p2p:res" && ev.data.get("error").is_some() {
                         return Err(format!("signal refused: {}", ev.data).into());
                     }

@@ -96,11 +96,17 @@ impl<A: Adapter> LocalSocket<A> {
                 }
                 Outgoing::Json(event, data) => {
                     self.emit_presences(&mut run);
-                    (event, self.socket.emit(event, &data).map_err(map_send_error))
+                    (
+                        event,
+                        self.socket.emit(event, &data).map_err(map_send_error),
+                    )
                 }
                 Outgoing::Raw(event, data) => {
                     self.emit_presences(&mut run);
-                    (event, self.socket.emit(event, &data).map_err(map_send_error))
+                    (
+                        event,
+                        self.socket.emit(event, &data).map_err(map_send_error),
+                    )
                 }
                 Outgoing::Publication(topic, data) => {
                     self.emit_presences(&mut run);
