@@ -3,43 +3,63 @@
 //! its socket takes them; the server throttles it and disconnects it, and it comes back at
 //! once). Target: both within 20% of the run without the flood.
 //!
-//! The flooder runs in a child process (this binary with `--flood-only URL SINK`), so that
-//! its own work is not the victims' process's: only the server's part of the flood competes
-//! with them there (on a 2-core machine, the child still competes for the cores).
+//! The flooder and the raw socket it floods (its sink) run in a child process (this binary
+//! with `--flood-only URL`), so that only the server's part of the flood competes with the
+//! victims. Where `taskset` can, the child is pinned to the last CPU and this process (the
+//! server and the victims) to the others, in both runs: on a 2-core machine the flooder's
+//! own sending would otherwise take a core from the victims whatever the server does.
 use std::sync::atomic::AtomicBool;
 
 use super::*;
 use socketio_p2p_tests::{Raw, chat_frame};
 
-/// Events from `a` to `b` for the rate, ack round trips from `c` to `d` for the latency, at
-/// the same time.
-async fn victims(a: &P2p, b: &P2p, c: &P2p, d: &P2p, n: usize) -> Res<(f64, Vec<f64>)> {
+/// Events from `a` to `b` for the rate, and sequential ack round trips from `c` to `d` for
+/// the latency, at the same time, for `run` (long enough for the flood to be in full swing:
+/// it reconnects after every disconnect).
+async fn victims(a: &P2p, b: &P2p, c: &P2p, d: &P2p, run: Duration) -> Res<(f64, Vec<f64>)> {
     let got = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(Notify::new());
-    let (g, dn) = (got.clone(), done.clone());
+    let g = got.clone();
     b.off("fl");
     b.on("fl", move |_| {
-        if g.fetch_add(1, Ordering::AcqRel) + 1 == n {
-            dn.notify_one();
-        }
+        g.fetch_add(1, Ordering::AcqRel);
     });
     let t0 = Instant::now();
     let bid = b.id().to_owned();
+    let stop = AtomicBool::new(false);
     let sender = async {
-        for i in 0..n {
-            a.to(&bid).emit("fl", json!(i)).await?;
+        let mut sent = 0usize;
+        while t0.elapsed() < run {
+            for _ in 0..256 {
+                a.to(&bid).emit("fl", json!(sent)).await?;
+                sent += 1;
+            }
         }
-        tokio::time::timeout(Duration::from_secs(60), done.notified())
-            .await
-            .map_err(|_| {
-                format!(
-                    "flood_isolation: {} of {n} events",
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while got.load(Ordering::Acquire) < sent {
+            if Instant::now() > deadline {
+                stop.store(true, Ordering::Release);
+                return Err(format!(
+                    "flood_isolation: {} of {sent} events",
                     got.load(Ordering::Acquire)
                 )
-            })?;
-        Ok::<_, BoxError>(n as f64 / t0.elapsed().as_secs_f64())
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stop.store(true, Ordering::Release);
+        Ok::<_, BoxError>(sent as f64 / t0.elapsed().as_secs_f64())
     };
-    let (rate, rtts) = tokio::join!(sender, ack_rtts(c, d.id(), 500));
+    let pinger = async {
+        let to = c.to(d.id());
+        let mut rtts = Vec::new();
+        while !stop.load(Ordering::Acquire) {
+            let t = Instant::now();
+            to.emit_with_ack("ping", json!(rtts.len())).await?;
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok::<_, BoxError>(sorted(rtts))
+    };
+    let (rate, rtts) = tokio::join!(sender, pinger);
     Ok((rate?, rtts?))
 }
 
@@ -85,17 +105,19 @@ async fn flooder(
     (frames, disconnects)
 }
 
-/// `--flood-only URL SINK`: floods the relay at `URL` with frames for `SINK` until stdin
-/// closes, prints `flooding` once the first batch went out, and `FRAMES DISCONNECTS` at the end.
+/// `--flood-only URL`: registers a sink (a raw socket that reads and drops everything) and
+/// floods the relay at `URL` with frames for it until stdin closes; prints `flooding` once
+/// the first batch went out, and `FRAMES DISCONNECTS` at the end.
 pub(super) async fn flood_only(args: &[String]) -> Res<()> {
     let at = args
         .iter()
         .position(|a| a == "--flood-only")
         .ok_or("no --flood-only")?;
-    let (url, sink) = match (args.get(at + 1), args.get(at + 2)) {
-        (Some(u), Some(s)) => (u.clone(), s.clone()),
-        _ => return Err("usage: --flood-only URL SINK".into()),
-    };
+    let url = args.get(at + 1).ok_or("usage: --flood-only URL")?.clone();
+    let mut sink_raw = Raw::connect_to(&url).await;
+    let welcome = sink_raw.hello(None, &["flood"]).await;
+    let sink = welcome["id"].as_str().ok_or("no sink id")?.to_owned();
+    let drain = tokio::spawn(async move { while sink_raw.rx.recv().await.is_some() {} });
     let stop = Arc::new(AtomicBool::new(false));
     let started = Arc::new(Notify::new());
     let flood = tokio::spawn(flooder(url, sink, stop.clone(), started.clone()));
@@ -107,20 +129,40 @@ pub(super) async fn flood_only(args: &[String]) -> Res<()> {
     let _ = tokio::io::stdin().read_to_end(&mut sink_buf).await;
     stop.store(true, Ordering::Release);
     let (frames, disconnects) = flood.await?;
+    drain.abort();
     println!("{frames} {disconnects}");
     Ok(())
+}
+
+/// Pins the threads of process `pid` to `cpus` (a `taskset` list); false where it cannot.
+fn pin(pid: u32, cpus: &str) -> bool {
+    std::process::Command::new("taskset")
+        .args(["-a", "-cp", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Starts the flooder child; returns it once its first batch went out.
 async fn spawn_flooder(
     url: &str,
-    sink: &str,
+    cpus: Option<&str>,
 ) -> Res<(
     tokio::process::Child,
     BufReader<tokio::process::ChildStdout>,
 )> {
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["--flood-only", url, sink])
+    let exe = std::env::current_exe()?;
+    let mut cmd = match cpus {
+        Some(c) => {
+            let mut t = tokio::process::Command::new("taskset");
+            t.args(["-c", c]).arg(exe);
+            t
+        }
+        None => tokio::process::Command::new(exe),
+    };
+    let mut child = cmd
+        .args(["--flood-only", url])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -151,20 +193,27 @@ async fn stop_flooder(
 }
 
 pub(super) async fn flood_isolation(url: &str, set: Settings) -> Res<Outcome> {
-    const N: usize = 20_000;
+    const RUN: Duration = Duration::from_secs(3);
     let (a, b) = pair(url, "fi-rate", set).await?;
     let (c, d) = pair(url, "fi-ack", set).await?;
     d.on("ping", |ev| {
         ev.reply(ev.payload().clone());
     });
-    let sink = peer(url, "flood", set).await?;
+    // The flooder on the last CPU, the server and the victims on the others, for both runs.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let me = std::process::id();
+    let pinned = cpus >= 2 && pin(me, &format!("0-{}", cpus - 2));
+    let flooder_cpu = format!("{}", cpus - 1);
     // Warm-up, then the run without the flood.
-    victims(&a, &b, &c, &d, 2_000).await?;
-    let (rate0, rtt0) = victims(&a, &b, &c, &d, N).await?;
-    let (child, out) = spawn_flooder(url, sink.id()).await?;
-    let (rate1, rtt1) = victims(&a, &b, &c, &d, N).await?;
+    victims(&a, &b, &c, &d, Duration::from_millis(300)).await?;
+    let (rate0, rtt0) = victims(&a, &b, &c, &d, RUN).await?;
+    let (child, out) = spawn_flooder(url, pinned.then_some(flooder_cpu.as_str())).await?;
+    let (rate1, rtt1) = victims(&a, &b, &c, &d, RUN).await?;
     let (flood_frames, flood_disconnects) = stop_flooder(child, out).await?;
-    for p in [&a, &b, &c, &d, &sink] {
+    if pinned {
+        pin(me, &format!("0-{}", cpus - 1));
+    }
+    for p in [&a, &b, &c, &d] {
         p.close().await;
     }
     let p50 = |v: &[f64]| percentile(v, 50.0);
@@ -182,6 +231,7 @@ pub(super) async fn flood_isolation(url: &str, set: Settings) -> Res<Outcome> {
             ("ack_p99_us_flooded", json!(round(p99(&rtt1), 1))),
             ("flood_frames", json!(flood_frames)),
             ("flood_disconnects", json!(flood_disconnects)),
+            ("pinned", json!(pinned)),
         ],
     })
 }
