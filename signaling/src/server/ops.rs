@@ -232,13 +232,8 @@ impl P2pSignaling {
 
     /// The other peers of a room.
     pub(super) fn peers_of(&self, cx: &mut Ctx<'_>, room: String) -> Flow {
-        if !cx
-            .st
-            .conns
-            .get(&cx.id)
-            .is_some_and(|c| c.rooms.contains(&room))
-        {
-            return Flow::error(ErrorCode::UnknownRoom, format!("not in room {room:?}"));
+        if let Some(refused) = not_in_room(cx, &room) {
+            return refused;
         }
         Flow::ok(to_json(&cx.st.room_peers(&room, &cx.id)))
     }
@@ -262,13 +257,8 @@ impl P2pSignaling {
         {
             return Flow::Reply(Err(e));
         }
-        if !cx
-            .st
-            .conns
-            .get(&cx.id)
-            .is_some_and(|c| c.rooms.contains(&room))
-        {
-            return Flow::error(ErrorCode::UnknownRoom, format!("not in room {room:?}"));
+        if let Some(refused) = not_in_room(cx, &room) {
+            return refused;
         }
         let (page, more) = cx.st.room_page(&room, &cx.id, after.as_deref(), limit);
         let page = MembersPage {
@@ -367,6 +357,16 @@ impl P2pSignaling {
         }
         Flow::ok(Json::Null)
     }
+}
+
+/// `UnknownRoom` unless the asking peer is in `room`.
+fn not_in_room(cx: &Ctx<'_>, room: &str) -> Option<Flow> {
+    let member = cx
+        .st
+        .conns
+        .get(&cx.id)
+        .is_some_and(|c| c.rooms.contains(room));
+    (!member).then(|| Flow::error(ErrorCode::UnknownRoom, format!("not in room {room:?}")))
 }
 
 /// The response to a `hello`, as text: `welcome` with the member lists of `rooms` written
