@@ -271,3 +271,102 @@ async fn node_without_redis_fails_at_start_with_a_clear_error() {
     assert!(text.to_lowercase().contains("refused"), "{text}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+/// The names of the cluster's nodes, read from their heartbeats on the cluster channel (a
+/// cluster message is a kind byte, then the sender node as a u16-length string).
+fn node_names(url: &str, channel: &str, want: usize) -> Vec<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let mut ps = con.as_pubsub();
+    ps.subscribe(channel).unwrap();
+    ps.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut names = Vec::new();
+    while names.len() < want {
+        let msg = ps
+            .get_message()
+            .expect("no heartbeat on the cluster channel");
+        let bytes: Vec<u8> = msg.get_payload().unwrap();
+        let len = usize::from(u16::from_be_bytes([bytes[1], bytes[2]]));
+        let name = String::from_utf8(bytes[3..3 + len].to_vec()).unwrap();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// A cluster message as the nodes encode it: kind, sender, target (none), JSON.
+fn cluster_message(node: &str, json: &serde_json::Value) -> Vec<u8> {
+    let mut v = vec![b'c'];
+    v.extend_from_slice(&u16::try_from(node.len()).unwrap().to_be_bytes());
+    v.extend_from_slice(node.as_bytes());
+    v.extend_from_slice(&0u16.to_be_bytes());
+    v.extend_from_slice(&serde_json::to_vec(json).unwrap());
+    v
+}
+
+/// A message between nodes that is lost for good (no outage, nothing to resend) leaves one
+/// node's mirror wrong: here a forged `down` makes node 2 forget a peer of node 1 that is
+/// still there. The heartbeats' digests disagree, node 2 asks node 1 for all its peers, and
+/// its peers see the lost peer again, in its room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_drifted_is_repaired_from_the_heartbeats() {
+    let redis = RedisServer::start_own();
+    let cluster = redis.cluster("drift");
+    let channel = format!("test-{}-drift:all", std::process::id());
+    let n1 = spawn_node(cluster.clone()).await;
+    let n2 = spawn_node(cluster).await;
+    let d = peer(&n1, relay_opts().room("r")).await;
+    let b = peer(&n2, relay_opts().room("r")).await;
+    wait_peers(&b, 1).await;
+    wait_peers(&d, 1).await;
+    let mut b_events = b.peer_events();
+    let (url, ch) = (redis.url.clone(), channel.clone());
+    let names = tokio::task::spawn_blocking(move || node_names(&url, &ch, 2))
+        .await
+        .unwrap();
+    // `down` from each node's name: the node that holds `d` ignores it (`d` is its own),
+    // the other forgets `d`.
+    let forged = json!({"t": "down", "id": d.id()});
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    for name in &names {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(cluster_message(name, &forged))
+            .query(&mut con)
+            .unwrap();
+    }
+    let t = Instant::now();
+    let gone = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match b_events.next().await {
+                Some(PeerEvent::Disconnected { peer }) if peer.id == d.id() => return,
+                Some(_) => {}
+                None => panic!("peer events ended"),
+            }
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the forged down did not reach node 2");
+    let back = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match b_events.next().await {
+                Some(PeerEvent::Joined { room, peer }) if peer.id == d.id() => return room,
+                Some(_) => {}
+                None => panic!("peer events ended"),
+            }
+        }
+    })
+    .await
+    .expect("node 2 never repaired its mirror of node 1");
+    assert_eq!(back, "r");
+    eprintln!("mirror repaired in {:?}", t.elapsed());
+    assert!(n2.signaling.room_peers("r").iter().any(|p| p.id == d.id()));
+    // And it is a real peer again for node 2's peers: events reach it.
+    let mut at_d = numbers(&d, "n");
+    b.to(d.id()).emit("n", json!(7)).await.unwrap();
+    expect_in_order(&mut at_d, 7..8, 10).await;
+    // Node 1 never lost it.
+    assert!(n1.signaling.peers().iter().any(|p| p.id == d.id()));
+}

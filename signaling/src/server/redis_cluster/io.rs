@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::link::{Ctl, K_CTL, K_EVENT, K_FRAME, Link, decode};
+use super::mirror::digest;
 use super::names::CLAIM;
 use super::queue::Out;
 use crate::Error;
@@ -206,7 +207,12 @@ impl Inbound {
                             pubsub = Some(ps);
                             // Whatever the others said meanwhile is lost: ask for all of it,
                             // and take our names back at once (a restarted Redis has none).
+                            // What we said may be lost too: the `Resync` our publisher sent
+                            // when Redis came back reached only the nodes subscribed by then,
+                            // so ask everyone to ask us again. Of any two nodes, the one that
+                            // subscribes last hears the other's answers both ways.
                             self.link.publish(&Ctl::SyncRequest);
+                            self.link.publish(&Ctl::Resync);
                             if !self.on_tick(false) {
                                 return;
                             }
@@ -250,7 +256,13 @@ impl Inbound {
             return false;
         };
         let sig = P2pSignaling { inner };
-        self.link.publish(&Ctl::Heartbeat);
+        {
+            // Under the lock: every `Up`, `Join`, `Leave` and `Down` is queued under it too,
+            // so the digest describes exactly what was announced before it.
+            let st = sig.lock();
+            let digest = Some(digest(&st, None));
+            self.link.publish(&Ctl::Heartbeat { digest });
+        }
         self.link.uids.refresh(&self.link.tx);
         self.link.svcs.refresh(&self.link.tx);
         let now = Instant::now();

@@ -1,7 +1,8 @@
 //! What nodes say to each other: the cluster messages, their envelope, the publishing
 //! queue, and the [`Cluster`] hooks of a Redis node.
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,8 +35,12 @@ pub(super) const K_EVENT: u8 = b'e';
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub(super) enum Ctl {
-    /// The node is alive.
-    Heartbeat,
+    /// The node is alive; `digest` sums its peers and their rooms (see `mirror::digest`), so
+    /// that a node whose mirror of it drifted (a message lost while Redis failed) notices.
+    Heartbeat {
+        #[serde(default)]
+        digest: Option<u64>,
+    },
     /// "Send me all your peers" (to one node's channel, or to all).
     SyncRequest,
     /// "I lost messages (Redis failed me): ask me for my peers" (to all).
@@ -139,6 +144,40 @@ pub(super) struct Link {
     pub(super) uids: Arc<Names>,
     /// Service names, claimed like uids (keys `<prefix>:svc:<name>`).
     pub(super) svcs: Arc<Names>,
+    /// Per node, how its heartbeats' digests disagreed with our mirror of it.
+    pub(super) drift: Mutex<HashMap<String, Drift>>,
+}
+
+/// Heartbeats of one node whose digest disagreed with our mirror of it, in a row.
+#[derive(Debug)]
+pub(super) struct Drift {
+    misses: u32,
+    /// Misses in a row before we ask for a sync: 2 (one may be a message in flight), then
+    /// doubling up to 32 while the sync does not repair it.
+    wait: u32,
+}
+
+impl Default for Drift {
+    fn default() -> Self {
+        Self { misses: 0, wait: 2 }
+    }
+}
+
+impl Drift {
+    /// One more heartbeat: true when it is time to ask for a full sync.
+    pub(super) fn heard(&mut self, agrees: bool) -> bool {
+        if agrees {
+            *self = Self::default();
+            return false;
+        }
+        self.misses += 1;
+        if self.misses < self.wait {
+            return false;
+        }
+        self.misses = 0;
+        self.wait = (self.wait * 2).min(32);
+        true
+    }
 }
 
 impl Link {

@@ -137,7 +137,8 @@ impl P2pSignaling {
             _ => CtlKind::On,
         };
         match ctl {
-            Ctl::Heartbeat => {}
+            Ctl::Heartbeat { digest: Some(d) } => self.check_digest(link, node, d),
+            Ctl::Heartbeat { digest: None } => {}
             Ctl::SyncRequest => self.sync_reply(link, node),
             Ctl::Resync => link.send_ctl(link.node_channel(node), &Ctl::SyncRequest),
             Ctl::Sync { peers } => self.apply_sync(link, node, peers),
@@ -217,6 +218,24 @@ impl P2pSignaling {
         link.send_ctl(link.node_channel(node), &Ctl::Sync { peers });
     }
 
+    /// A heartbeat of `node` with the digest of its peers: ask it for all of them when our
+    /// mirror disagrees (a message lost while Redis failed one of us, a subscription that
+    /// came back after the other node's `Resync`). Once may be a message still in flight.
+    fn check_digest(&self, link: &Arc<Link>, node: &str, theirs: u64) {
+        let ours = digest(&self.lock(), Some(node));
+        let ask = {
+            let mut drift = link.drift.lock().unwrap_or_else(|e| e.into_inner());
+            drift
+                .entry(node.to_owned())
+                .or_default()
+                .heard(ours == theirs)
+        };
+        if ask {
+            tracing::info!(%node, "our mirror of a node drifted from its heartbeat: asking it for all its peers");
+            link.send_ctl(link.node_channel(node), &Ctl::SyncRequest);
+        }
+    }
+
     /// All peers of `node`: the ones we knew of and it no longer lists are gone.
     fn apply_sync(&self, link: &Arc<Link>, node: &str, peers: Vec<SyncPeer>) {
         let listed: HashSet<&str> = peers.iter().map(|p| p.peer.id.as_str()).collect();
@@ -235,6 +254,7 @@ impl P2pSignaling {
         for p in peers {
             pairs.extend(p.pairs.into_iter().map(|b| (p.peer.id.clone(), b)));
             let id = p.peer.id.clone();
+            self.leave_unlisted(node, &id, &p.rooms);
             self.apply_up(link, node, p.peer, p.rooms, p.token);
             if self.is_from(&id, node) {
                 for s in p.services {
@@ -248,6 +268,35 @@ impl P2pSignaling {
         for (a, b) in pairs {
             self.apply_pair(node, &a, &b);
         }
+    }
+
+    /// `id`, a peer of `node`, is in none of the rooms it is in here but `rooms` lists
+    /// (a `Leave` was lost).
+    fn leave_unlisted(&self, node: &str, id: &str, rooms: &[String]) {
+        let mut out = Outbox::default();
+        {
+            let mut st = self.lock();
+            let st = &mut *st;
+            if st.remote.get(id).is_none_or(|n| n != node) {
+                return;
+            }
+            let Some(c) = st.conns.get(id) else {
+                return;
+            };
+            let Some(info) = c.info.clone() else {
+                return;
+            };
+            let stale: Vec<String> = c
+                .rooms
+                .iter()
+                .filter(|r| !rooms.contains(r))
+                .cloned()
+                .collect();
+            for room in stale {
+                P2pSignaling::leave_room(st, id, &info, &room, &mut out);
+            }
+        }
+        out.flush();
     }
 
     /// `a` (a peer of `node`) paired with `b`: `b` hears of it if it is ours.
@@ -354,4 +403,48 @@ fn topics_of(st: &State, id: &str) -> Vec<String> {
         .get(id)
         .map(|t| t.iter().cloned().collect())
         .unwrap_or_default()
+}
+
+/// A digest of the peers `st` holds for `node` (ours when `None`) and of their rooms: a sum
+/// of hashes, so it does not depend on the order of anything. Heartbeats carry ours; the
+/// other nodes compare it with their mirror of us.
+pub(super) fn digest(st: &State, node: Option<&str>) -> u64 {
+    let mut sum = 0u64;
+    for (id, c) in &st.conns {
+        if c.info.is_none() || st.remote.get(id).map(String::as_str) != node {
+            continue;
+        }
+        sum = sum.wrapping_add(fnv1a(&[id.as_bytes()]));
+        for room in &c.rooms {
+            sum = sum.wrapping_add(fnv1a(&[id.as_bytes(), &[0], room.as_bytes()]));
+        }
+    }
+    sum
+}
+
+/// FNV-1a over the concatenation of `parts`: the same on every node and every build.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::link::Drift;
+
+    #[test]
+    fn drift_asks_after_two_misses_then_backs_off_until_it_agrees() {
+        let mut d = Drift::default();
+        assert!(!d.heard(false));
+        assert!(d.heard(false));
+        // The sync did not repair it: 4 more, then 8.
+        assert_eq!((0..4).filter(|_| d.heard(false)).count(), 1);
+        assert!(!d.heard(true));
+        assert!(!d.heard(false));
+        assert!(d.heard(false));
+    }
 }

@@ -160,6 +160,7 @@ impl P2pSignaling {
             io_timeout: cluster.io_timeout,
             uids: Arc::new(Names::new(&cluster.prefix, "uid")),
             svcs: Arc::new(Names::new(&cluster.prefix, "svc")),
+            drift: Default::default(),
         });
         let channels = [link.all_channel(), link.node_channel(&node)];
         let pubsub = in_time(
@@ -181,7 +182,7 @@ impl P2pSignaling {
                 link::encode(link::K_CTL, &node, "", &resync),
             ),
         }));
-        link.publish(&Ctl::Heartbeat);
+        link.publish(&Ctl::Heartbeat { digest: None });
         link.publish(&Ctl::SyncRequest);
         let inbound = Inbound {
             sig: Arc::downgrade(&sig.inner),
