@@ -177,7 +177,7 @@ impl P2pSignaling {
             rooms: HashSet::new(),
             pairs: HashSet::new(),
             bucket: TokenBucket::new(self.inner.opts.request_burst),
-            budget: Budget::new(self.inner.opts.frame_rate.1, self.inner.opts.byte_rate.1),
+            budget: Budget::new(&self.inner.opts.limits()),
             away: None,
             auth,
         };

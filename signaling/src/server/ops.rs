@@ -440,7 +440,7 @@ mod tests {
             rooms: rooms.iter().map(|r| (*r).to_owned()).collect(),
             pairs: HashSet::new(),
             bucket: TokenBucket::new(1),
-            budget: Budget::new(1, 1),
+            budget: Budget::new(&crate::server::SignalingOptions::default().limits()),
             away: None,
             auth: Json::Null,
         };

@@ -84,6 +84,15 @@ impl std::fmt::Debug for SignalingOptions {
 }
 
 impl SignalingOptions {
+    /// The relay budget of one socket, as `Budget` takes it.
+    pub(super) fn limits(&self) -> super::state::Limits {
+        super::state::Limits {
+            frames: (f64::from(self.frame_rate.0), f64::from(self.frame_rate.1)),
+            bytes: (self.byte_rate.0 as f64, self.byte_rate.1 as f64),
+            max_strikes: self.max_strikes,
+        }
+    }
+
     /// Largest relayed frame in bytes (default 256 KiB). Larger frames get `PayloadTooLarge`.
     /// Peers split bigger messages into frames well below this.
     pub fn max_frame(mut self, bytes: usize) -> Self {
@@ -111,8 +120,10 @@ impl SignalingOptions {
     }
     /// What one socket may relay: `frames` frames per second with bursts of `burst`
     /// (default 200,000/s, bursts of 400,000). A batch over budget is refused with
-    /// `RateLimited` (its sender's link sends it again later); see
-    /// [`SignalingOptions::max_strikes`].
+    /// `RateLimited` (its sender's link sends it again later) and still costs its frames,
+    /// so a socket that keeps sending over its budget gets nothing through until it slows
+    /// down. A new connection starts with a fiftieth of a second's budget rather than a
+    /// whole burst (the bucket fills from there). See [`SignalingOptions::max_strikes`].
     pub fn frame_rate(mut self, frames: u32, burst: u32) -> Self {
         self.frame_rate = (frames, burst.max(1));
         self
@@ -123,8 +134,8 @@ impl SignalingOptions {
         self.byte_rate = (bytes, burst.max(1));
         self
     }
-    /// A socket that sends this many refused batches in a row (default 200) floods: it is
-    /// told why (`RateLimited`) and disconnected.
+    /// A socket that sends this many refused batches within one second (default 200)
+    /// floods: it is told why (`RateLimited`) and disconnected.
     pub fn max_strikes(mut self, n: u32) -> Self {
         self.max_strikes = n.max(1);
         self

@@ -1,11 +1,12 @@
 //! The relay: `p2p:f` batches routed frame by frame to peers sharing a scope.
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
 use super::P2pSignaling;
 use super::outbox::{error_event, to_json};
-use super::state::{EmitFail, PeerSocket, Queued, State};
+use super::state::{EmitFail, PeerSocket, Queued, Spent, State};
 use crate::protocol::{
     BatchWriter, ErrorBody, ErrorCode, ErrorMsg, events, peek_route, split_batch, stamp_from,
 };
@@ -250,36 +251,17 @@ fn frame_error(code: ErrorCode, message: String, to: Option<String>, seq: Option
     }
 }
 
-/// What a batch's budget check decided.
-enum Spent {
-    Ok,
-    /// Over budget: refused.
-    Refused,
-    /// Over budget again and again: the socket floods.
-    Flooding,
-}
-
 impl P2pSignaling {
     /// Takes a batch's frames and bytes from the sender's budget.
     fn spend(&self, st: &mut State, id: &str, frames: usize, bytes: usize) -> Spent {
-        let o = &self.inner.opts;
         let Some(b) = st.conns.get_mut(id).map(|c| &mut c.budget) else {
             return Spent::Ok;
         };
-        let (fr, fb) = (f64::from(o.frame_rate.0), f64::from(o.frame_rate.1));
-        let (br, bb) = (o.byte_rate.0 as f64, o.byte_rate.1 as f64);
-        // A batch larger than a whole burst could never pass: it counts as one burst.
-        let ok = b.frames.take_n((frames as f64).min(fb), fr, fb)
-            && b.bytes.take_n((bytes as f64).min(bb), br, bb);
-        if ok {
-            b.strikes = 0;
-            return Spent::Ok;
-        }
-        b.strikes += 1;
-        if b.strikes >= o.max_strikes {
-            Spent::Flooding
-        } else {
-            Spent::Refused
-        }
+        b.spend(
+            frames as f64,
+            bytes as f64,
+            Instant::now(),
+            &self.inner.opts.limits(),
+        )
     }
 }

@@ -84,6 +84,12 @@ pub(crate) struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// Adds what `rate` per second gave since the last time, up to `burst`.
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * rate).min(burst);
+    }
     pub(crate) fn new(burst: u32) -> Self {
         Self {
             tokens: f64::from(burst),
@@ -95,10 +101,7 @@ impl TokenBucket {
     }
     /// Takes `n` tokens at once (refilled at `rate` per second up to `burst`).
     pub(crate) fn take_n(&mut self, n: f64, rate: f64, burst: f64) -> bool {
-        let now = Instant::now();
-        let dt = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * rate).min(burst);
+        self.refill(Instant::now(), rate, burst);
         if self.tokens >= n {
             self.tokens -= n;
             true
@@ -108,24 +111,83 @@ impl TokenBucket {
     }
 }
 
-/// A socket's budget for what it relays: frames and bytes per second, and how many
-/// refused batches in a row it may send before it is disconnected.
+/// What one socket may relay (from `SignalingOptions`): frames and bytes per second with
+/// their bursts, and how many refused batches within a second make it a flooder.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) frames: (f64, f64),
+    pub(crate) bytes: (f64, f64),
+    pub(crate) max_strikes: u32,
+}
+
+/// What a batch's budget check decided.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Spent {
+    Ok,
+    /// Over budget: refused.
+    Refused,
+    /// Over budget again and again: the socket floods.
+    Flooding,
+}
+
+/// A socket's budget for what it relays.
+///
+/// - A new connection starts with a fiftieth of a second's rate, not a whole burst: a
+///   flooder that is disconnected and comes straight back has no fresh burst to spend.
+/// - A refused batch costs what it would have if accepted, down to a tenth of a second's
+///   rate of debt: a socket that keeps sending over its budget gets nothing through until
+///   it sends below it (before, it got its full rate through, however much it sent).
+/// - Refused batches are counted per second, not in a row: batches accepted in between do
+///   not wipe the count, so a socket at twice its budget is disconnected too.
 pub(crate) struct Budget {
-    pub(crate) frames: TokenBucket,
-    pub(crate) bytes: TokenBucket,
-    /// Batches refused in a row.
-    pub(crate) strikes: u32,
+    frames: TokenBucket,
+    bytes: TokenBucket,
+    /// Batches refused since `window` began.
+    strikes: u32,
+    window: Instant,
 }
 
 impl Budget {
-    pub(crate) fn new(frame_burst: u32, byte_burst: u64) -> Self {
+    pub(crate) fn new(limits: &Limits) -> Self {
+        let start = |(rate, burst): (f64, f64)| (rate / 50.0).min(burst).max(1.0);
+        let now = Instant::now();
         Budget {
-            frames: TokenBucket::new(frame_burst),
+            frames: TokenBucket {
+                tokens: start(limits.frames),
+                last: now,
+            },
             bytes: TokenBucket {
-                tokens: byte_burst as f64,
-                last: Instant::now(),
+                tokens: start(limits.bytes),
+                last: now,
             },
             strikes: 0,
+            window: now,
+        }
+    }
+
+    /// Takes a batch of `frames` frames and `bytes` bytes at `now`.
+    pub(crate) fn spend(&mut self, frames: f64, bytes: f64, now: Instant, l: &Limits) -> Spent {
+        let ((fr, fb), (br, bb)) = (l.frames, l.bytes);
+        // A batch larger than a whole burst could never pass: it counts as one burst.
+        let (nf, nb) = (frames.min(fb), bytes.min(bb));
+        self.frames.refill(now, fr, fb);
+        self.bytes.refill(now, br, bb);
+        if self.frames.tokens >= nf && self.bytes.tokens >= nb {
+            self.frames.tokens -= nf;
+            self.bytes.tokens -= nb;
+            return Spent::Ok;
+        }
+        self.frames.tokens = (self.frames.tokens - nf).max(-fr / 10.0);
+        self.bytes.tokens = (self.bytes.tokens - nb).max(-br / 10.0);
+        if now.duration_since(self.window).as_secs_f64() >= 1.0 {
+            self.window = now;
+            self.strikes = 0;
+        }
+        self.strikes += 1;
+        if self.strikes >= l.max_strikes {
+            Spent::Flooding
+        } else {
+            Spent::Refused
         }
     }
 }
@@ -357,5 +419,103 @@ pub(crate) fn write_str(s: &str, out: &mut String) {
         out.push('"');
     } else {
         out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod budget_tests {
+    use std::time::{Duration, Instant};
+
+    use super::{Budget, Limits, Spent};
+
+    const L: Limits = Limits {
+        frames: (10_000.0, 20_000.0),
+        bytes: (1e9, 2e9),
+        max_strikes: 20,
+    };
+
+    /// Batches of `n` frames every `every` for `secs`: (accepted frames, refusals, when it
+    /// was found flooding).
+    fn run(
+        b: &mut Budget,
+        t0: Instant,
+        n: f64,
+        every: Duration,
+        secs: f64,
+    ) -> (f64, u32, Option<f64>) {
+        let (mut ok, mut refused) = (0.0, 0);
+        let mut t = t0;
+        while t.duration_since(t0).as_secs_f64() < secs {
+            match b.spend(n, n * 10.0, t, &L) {
+                Spent::Ok => ok += n,
+                Spent::Refused => refused += 1,
+                Spent::Flooding => return (ok, refused, Some(t.duration_since(t0).as_secs_f64())),
+            }
+            t += every;
+        }
+        (ok, refused, None)
+    }
+
+    #[test]
+    fn a_sender_within_its_budget_is_never_refused() {
+        let mut b = Budget::new(&L);
+        let t0 = Instant::now();
+        // 9,000 frames/s in batches of 90, for 10 s.
+        let (ok, refused, flood) = run(&mut b, t0, 90.0, Duration::from_millis(10), 10.0);
+        assert_eq!((refused, flood), (0, None));
+        assert!(ok > 89_000.0, "{ok}");
+    }
+
+    #[test]
+    fn a_sender_at_twice_its_budget_gets_almost_nothing_through_and_is_disconnected() {
+        let mut b = Budget::new(&L);
+        let t0 = Instant::now();
+        // 20,000 frames/s in batches of 100.
+        let (ok, _, flood) = run(&mut b, t0, 100.0, Duration::from_millis(5), 10.0);
+        let at = flood.expect("never found flooding");
+        assert!(at < 1.0, "found flooding after {at} s");
+        // Its start (a fiftieth of a second's rate) and little more.
+        assert!(ok <= 400.0, "{ok} frames through");
+    }
+
+    #[test]
+    fn a_new_connection_has_no_burst_to_spend() {
+        let mut b = Budget::new(&L);
+        let t = Instant::now();
+        assert_eq!(b.spend(200.0, 1.0, t, &L), Spent::Ok);
+        assert_eq!(b.spend(1.0, 1.0, t, &L), Spent::Refused);
+    }
+
+    #[test]
+    fn a_sender_that_slows_down_gets_through_again() {
+        let mut b = Budget::new(&L);
+        let t0 = Instant::now();
+        let (_, refused, flood) = run(&mut b, t0, 100.0, Duration::from_millis(5), 0.05);
+        assert!(refused > 0 && flood.is_none());
+        // At most a tenth of a second of debt: after 0.2 s of quiet, a batch passes.
+        let t = t0 + Duration::from_millis(250);
+        assert_eq!(b.spend(100.0, 1.0, t, &L), Spent::Ok);
+        // And then its whole rate, for good.
+        let (ok, refused, _) = run(&mut b, t, 50.0, Duration::from_millis(5), 5.0);
+        assert_eq!(refused, 0);
+        assert!(ok >= 49_000.0, "{ok}");
+    }
+
+    #[test]
+    fn refusals_are_counted_per_second_not_in_a_row() {
+        let mut b = Budget::new(&L);
+        let t0 = Instant::now();
+        // 19 refusals a second, forever: never flooding.
+        let mut t = t0 + Duration::from_secs(1);
+        for _ in 0..10 {
+            for i in 0..19 {
+                assert_ne!(
+                    b.spend(1e6, 1.0, t + Duration::from_millis(i), &L),
+                    Spent::Flooding
+                );
+            }
+            t += Duration::from_secs(2);
+        }
     }
 }

@@ -98,7 +98,7 @@ impl P2pSignaling {
                         rooms: HashSet::new(),
                         pairs: HashSet::new(),
                         bucket: TokenBucket::new(1),
-                        budget: Budget::new(1, 1),
+                        budget: Budget::new(&self.inner.opts.limits()),
                         away: None,
                         auth: serde_json::Value::Null,
                     },
