@@ -3,6 +3,11 @@
 //! its socket takes them; the server throttles it and disconnects it, and it comes back at
 //! once). Target: both within 20% of the run without the flood.
 //!
+//! The rate is that of two sending pairs at once: one socket's relay budget (200,000
+//! frames/s by default) is below what the node relays, so a single sender would measure its
+//! own budget. The ack round trips run beside one sender, which leaves the node room: beside
+//! both, they would measure the senders' queues.
+//!
 //! The flooder and the raw socket it floods (its sink) run in a child process (this binary
 //! with `--flood-only URL`), so that only the server's part of the flood competes with the
 //! victims. Where `taskset` can, the child is pinned to the last CPU and this process (the
@@ -13,27 +18,42 @@ use std::sync::atomic::AtomicBool;
 use super::*;
 use socketio_p2p_tests::{Raw, chat_frame};
 
-/// Events from `a` to `b` for the rate, and sequential ack round trips from `c` to `d` for
-/// the latency, at the same time, for `run` (long enough for the flood to be in full swing:
-/// it reconnects after every disconnect).
-async fn victims(a: &P2p, b: &P2p, c: &P2p, d: &P2p, run: Duration) -> Res<(f64, Vec<f64>)> {
+/// Events from each sender to its receiver for the rate (all pairs together) and, with
+/// `ping`, sequential ack round trips between its two peers at the same time, for `run` (long
+/// enough for the flood to be in full swing: it reconnects after every disconnect).
+async fn victims(
+    pairs: &[(P2p, P2p)],
+    ping: Option<(&P2p, &P2p)>,
+    run: Duration,
+) -> Res<(f64, Vec<f64>)> {
     let got = Arc::new(AtomicUsize::new(0));
-    let g = got.clone();
-    b.off("fl");
-    b.on("fl", move |_| {
-        g.fetch_add(1, Ordering::AcqRel);
-    });
+    for (_, b) in pairs {
+        let g = got.clone();
+        b.off("fl");
+        b.on("fl", move |_| {
+            g.fetch_add(1, Ordering::AcqRel);
+        });
+    }
     let t0 = Instant::now();
-    let bid = b.id().to_owned();
     let stop = AtomicBool::new(false);
-    let sender = async {
-        let mut sent = 0usize;
-        while t0.elapsed() < run {
-            for _ in 0..256 {
-                a.to(&bid).emit("fl", json!(sent)).await?;
-                sent += 1;
+    let send = |a: &P2p, b: &P2p| {
+        let (a, bid) = (a.clone(), b.id().to_owned());
+        async move {
+            let mut sent = 0usize;
+            while t0.elapsed() < run {
+                for _ in 0..256 {
+                    a.to(&bid).emit("fl", json!(sent)).await?;
+                    sent += 1;
+                }
             }
+            Ok::<_, BoxError>(sent)
         }
+    };
+    let sender = async {
+        let sent: usize = futures_util::future::try_join_all(pairs.iter().map(|(a, b)| send(a, b)))
+            .await?
+            .into_iter()
+            .sum();
         let deadline = Instant::now() + Duration::from_secs(60);
         while got.load(Ordering::Acquire) < sent {
             if Instant::now() > deadline {
@@ -50,8 +70,11 @@ async fn victims(a: &P2p, b: &P2p, c: &P2p, d: &P2p, run: Duration) -> Res<(f64,
         Ok::<_, BoxError>(sent as f64 / t0.elapsed().as_secs_f64())
     };
     let pinger = async {
-        let to = c.to(d.id());
         let mut rtts = Vec::new();
+        let Some((c, d)) = ping else {
+            return Ok::<_, BoxError>(rtts);
+        };
+        let to = c.to(d.id());
         while !stop.load(Ordering::Acquire) {
             let t = Instant::now();
             to.emit_with_ack("ping", json!(rtts.len())).await?;
@@ -194,7 +217,13 @@ async fn stop_flooder(
 
 pub(super) async fn flood_isolation(url: &str, set: Settings) -> Res<Outcome> {
     const RUN: Duration = Duration::from_secs(3);
-    let (a, b) = pair(url, "fi-rate", set).await?;
+    const SENDERS: usize = 2;
+    // Two sending pairs: each socket's relay budget (200,000 frames/s by default) is below
+    // what the node relays, so one sender would measure its own budget, not the node.
+    let mut pairs = Vec::new();
+    for i in 0..SENDERS {
+        pairs.push(pair(url, &format!("fi-rate-{i}"), set).await?);
+    }
     let (c, d) = pair(url, "fi-ack", set).await?;
     d.on("ping", |ev| {
         ev.reply(ev.payload().clone());
@@ -204,18 +233,26 @@ pub(super) async fn flood_isolation(url: &str, set: Settings) -> Res<Outcome> {
     let me = std::process::id();
     let pinned = cpus >= 2 && pin(me, &format!("0-{}", cpus - 2));
     let flooder_cpu = format!("{}", cpus - 1);
-    // Warm-up, then the run without the flood.
-    victims(&a, &b, &c, &d, Duration::from_millis(300)).await?;
-    let (rate0, rtt0) = victims(&a, &b, &c, &d, RUN).await?;
+    // Two runs without the flood, then the same two with it: the node's rate with every
+    // sender at once (no pinger), then ack round trips beside one sender, which leaves the
+    // node room (with both, the senders' own queues would be the latency measured).
+    let ping = Some((&c, &d));
+    victims(&pairs, ping, Duration::from_millis(300)).await?;
+    let (rate0, _) = victims(&pairs, None, RUN).await?;
+    let (one0, rtt0) = victims(&pairs[..1], ping, RUN).await?;
     let (child, out) = spawn_flooder(url, pinned.then_some(flooder_cpu.as_str())).await?;
-    let (rate1, rtt1) = victims(&a, &b, &c, &d, RUN).await?;
+    let (rate1, _) = victims(&pairs, None, RUN).await?;
+    let (one1, rtt1) = victims(&pairs[..1], ping, RUN).await?;
     let (flood_frames, flood_disconnects) = stop_flooder(child, out).await?;
     if pinned {
         pin(me, &format!("0-{}", cpus - 1));
     }
-    for p in [&a, &b, &c, &d] {
-        p.close().await;
+    for (a, b) in &pairs {
+        a.close().await;
+        b.close().await;
     }
+    c.close().await;
+    d.close().await;
     let p50 = |v: &[f64]| percentile(v, 50.0);
     let p99 = |v: &[f64]| percentile(v, 99.0);
     Ok(Outcome {
@@ -224,6 +261,8 @@ pub(super) async fn flood_isolation(url: &str, set: Settings) -> Res<Outcome> {
             ("events_per_s", json!(round(rate0, 0))),
             ("events_per_s_flooded", json!(round(rate1, 0))),
             ("rate_ratio", json!(round(rate1 / rate0, 3))),
+            ("one_sender_per_s", json!(round(one0, 0))),
+            ("one_sender_per_s_flooded", json!(round(one1, 0))),
             ("ack_p50_us", json!(round(p50(&rtt0), 1))),
             ("ack_p50_us_flooded", json!(round(p50(&rtt1), 1))),
             ("ack_p50_ratio", json!(round(p50(&rtt1) / p50(&rtt0), 3))),
@@ -231,6 +270,7 @@ pub(super) async fn flood_isolation(url: &str, set: Settings) -> Res<Outcome> {
             ("ack_p99_us_flooded", json!(round(p99(&rtt1), 1))),
             ("flood_frames", json!(flood_frames)),
             ("flood_disconnects", json!(flood_disconnects)),
+            ("senders", json!(SENDERS)),
             ("pinned", json!(pinned)),
         ],
     })
