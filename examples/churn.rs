@@ -117,6 +117,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let metrics = tokio::runtime::Handle::current().metrics();
     let tasks_idle = metrics.num_alive_tasks();
     run_lanes(&url, &lanes, 0, warmup).await?;
+    // Start and end are both measured once the cycles' last tasks have ended.
+    wait_until(20, || async { metrics.num_alive_tasks() <= tasks_idle }).await;
     let rss_start = rss_kib();
     let tasks_start = metrics.num_alive_tasks();
     let started = Instant::now();
@@ -136,8 +138,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rss_max = rss_max.load(Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
     let live = || socketio_p2p::live_webrtc_connections();
+    // Every task a cycle started is gone: back to the count before the first cycle.
     let drained = wait_until(20, || async {
-        live() == 0 && metrics.num_alive_tasks() <= tasks_start
+        live() == 0 && metrics.num_alive_tasks() <= tasks_idle
     })
     .await;
     let rss_end = rss_kib();

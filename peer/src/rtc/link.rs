@@ -433,13 +433,36 @@ impl RtcLink {
         // the remote's) before SCTP, DTLS and ICE.
         lock(&self.shared.reliable).take();
         lock(&self.shared.volatile).take();
-        if let Err(e) = self.pc().close().await {
+        if let Err(e) = close_pc(self.pc()).await {
             tracing::debug!(key = self.shared.key, error = %e, "closing peer connection");
         }
         self.remote.lock().await.pending.clear();
         *closed = true;
         tracing::debug!(key = self.shared.key, "link closed by owner");
     }
+}
+
+/// Closes `pc`, then stops its SCTP transport again, twice, a little later.
+///
+/// webrtc-rs's SCTP accept loop (one task per connection) ends only when the transport's
+/// `stop()` wakes it with `Notify::notify_waiters`, which wakes a loop only if it is waiting at
+/// that moment. A loop still busy with a channel it just accepted misses it, and then holds the
+/// SCTP association and the DTLS connection (and its writer task) for the life of the process:
+/// the churn example found 29 such pairs of tasks after 10,000 cycles. Another `stop()` once the
+/// loop waits again ends it (the association is already closed; a second `stop()` only wakes
+/// the loop).
+async fn close_pc(pc: Arc<RTCPeerConnection>) -> Result<(), webrtc::Error> {
+    let closed = pc.close().await;
+    let sctp = pc.sctp();
+    tokio::spawn(async move {
+        for wait in [Duration::from_millis(20), Duration::from_millis(200)] {
+            tokio::time::sleep(wait).await;
+            if let Err(e) = sctp.stop().await {
+                tracing::debug!(error = %e, "stopping a closed SCTP transport again");
+            }
+        }
+    });
+    closed
 }
 
 impl Drop for RtcLink {
@@ -462,7 +485,7 @@ impl Drop for RtcLink {
             let pc = self.pc();
             let key = self.shared.key;
             handle.spawn(async move {
-                if let Err(e) = pc.close().await {
+                if let Err(e) = close_pc(pc).await {
                     tracing::debug!(key, error = %e, "closing dropped peer connection");
                 }
             });
