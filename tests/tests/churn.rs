@@ -52,10 +52,7 @@ async fn hundred_churn_cycles_leave_nothing_behind() {
         "the server still lists {:?}",
         s.signaling.peers()
     );
-    let settled = wait_until(20, || async {
-        metrics.num_alive_tasks() <= tasks_before
-    })
-    .await;
+    let settled = wait_until(20, || async { metrics.num_alive_tasks() <= tasks_before }).await;
     assert!(
         settled,
         "tasks before {tasks_before}, after {}",
