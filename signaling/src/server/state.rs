@@ -91,10 +91,11 @@ impl TokenBucket {
         self.tokens = (self.tokens + dt * rate).min(burst);
     }
     pub(crate) fn new(burst: u32) -> Self {
-        Self {
-            tokens: f64::from(burst),
-            last: Instant::now(),
-        }
+        Self::holding(f64::from(burst), Instant::now())
+    }
+    /// A bucket that holds `tokens` at `now`.
+    fn holding(tokens: f64, last: Instant) -> Self {
+        Self { tokens, last }
     }
     pub(crate) fn take(&mut self, rate: u32, burst: u32) -> bool {
         self.take_n(1.0, f64::from(rate), f64::from(burst))
@@ -152,14 +153,8 @@ impl Budget {
         let start = |(rate, burst): (f64, f64)| (rate / 50.0).min(burst).max(1.0);
         let now = Instant::now();
         Budget {
-            frames: TokenBucket {
-                tokens: start(limits.frames),
-                last: now,
-            },
-            bytes: TokenBucket {
-                tokens: start(limits.bytes),
-                last: now,
-            },
+            frames: TokenBucket::holding(start(limits.frames), now),
+            bytes: TokenBucket::holding(start(limits.bytes), now),
             strikes: 0,
             window: now,
         }
